@@ -13,8 +13,11 @@ Content of a clip:
   anti-aliased edges -- each carrying its own texture (stripes, checkerboard or
   a radial pattern) that moves with it; they bounce off the frame borders and
   occlude each other in a fixed depth order;
-* a global brightness change over time (a slow ramp plus an oscillation) and a
+* a global brightness change over time (a slow and a faster oscillation) and a
   slight contrast change.
+
+Frame ``t`` depends only on ``(seed, t, height, width)``: a longer clip with the
+same seed extends a shorter one.
 
 Values are in ``[-1, 1]``, layout ``(3, F, H, W)`` (or ``(B, 3, F, H, W)`` for
 :func:`make_batch`), matching the pixel convention of diffusers video VAEs.
@@ -157,13 +160,22 @@ def make_video(
         img = img * (1 - a) + obj * a
 
     # ---------------- global brightness / contrast change ----------------
-    ramp = float(_u(g, -0.25, 0.25))
+    # (functions of the absolute frame index only, so a longer clip extends a
+    # shorter one with the same seed frame for frame)
+    slow_a = float(_u(g, 0.0, 0.25))
+    slow_p = float(_u(g, 64.0, 160.0))
+    slow_ph = float(_u(g, 0.0, 2 * math.pi))
     osc_a = float(_u(g, 0.0, 0.15))
-    osc_p = float(_u(g, 16.0, 64.0))
+    osc_p = float(_u(g, 12.0, 48.0))
     osc_ph = float(_u(g, 0.0, 2 * math.pi))
-    tn = t / max(T - 1, 1)
-    gain = 1.0 + ramp * (tn - 0.5) + osc_a * torch.sin(2 * math.pi * t / osc_p + osc_ph)
-    contrast = 1.0 + float(_u(g, -0.15, 0.15)) * tn
+    con_a = float(_u(g, 0.0, 0.15))
+    con_ph = float(_u(g, 0.0, 2 * math.pi))
+    gain = (
+        1.0
+        + slow_a * torch.sin(2 * math.pi * t / slow_p + slow_ph)
+        + osc_a * torch.sin(2 * math.pi * t / osc_p + osc_ph)
+    )
+    contrast = 1.0 + con_a * torch.sin(2 * math.pi * t / slow_p + con_ph)
     img = (img - 0.5) * contrast.unsqueeze(0) + 0.5
     img = img * gain.unsqueeze(0)
 
