@@ -1,0 +1,25 @@
+"""chopgrad: truncated backpropagation through causal-cache video VAE decoders (ChopGrad).
+
+    loss = chopgrad.pixel_loss(vae, latents, target, loss="mse", d_trunc=1)
+    loss.backward()
+
+See README.md and DESIGN.md for the gradient contract.
+"""
+from .adapters import (
+    CogVideoXAdapter,
+    DecodePlan,
+    DecoderAdapter,
+    FunctionalAdapter,
+    WanAdapter,
+    detach_state,
+    wrap,
+)
+from .api import decode, pixel_loss
+from .losses import per_frame
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "FunctionalAdapter", "WanAdapter",
+    "decode", "detach_state", "per_frame", "pixel_loss", "wrap",
+]

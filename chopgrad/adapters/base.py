@@ -1,0 +1,100 @@
+"""The adapter contract: a causal-cache decoder seen as a pure step function.
+
+A decoder step g consumes latent group z_g and state s_g and returns pixel
+frames x_g and state s_{g+1}. The state is a flat list whose entries are
+tensors or None (an empty slot); it is explicit, so the engine can detach it,
+buffer it and re-run steps from it. Steps never read or write hidden state of
+the wrapped model between calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+State = list  # list[torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How a latent video of a given shape is decoded, known before any decoding.
+
+    group_bounds[g]:group_bounds[g+1] are the latent frames of step g along dim 2;
+    frames_per_step[g] is the number of pixel frames step g emits.
+    """
+
+    group_bounds: tuple[int, ...]
+    frames_per_step: tuple[int, ...]
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.frames_per_step)
+
+    @property
+    def num_frames(self) -> int:
+        return sum(self.frames_per_step)
+
+    @property
+    def video_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.batch, self.channels, self.num_frames, self.height, self.width)
+
+    def frame_slice(self, step: int) -> slice:
+        start = sum(self.frames_per_step[:step])
+        return slice(start, start + self.frames_per_step[step])
+
+
+def detach_state(state: Sequence[Optional[torch.Tensor]]) -> State:
+    return [None if t is None else t.detach() for t in state]
+
+
+class DecoderAdapter:
+    """Base class of the adapters. Subclasses implement the four methods below."""
+
+    #: (low, high) of the model's own output clamp, or None if it does not clamp.
+    clamp_range: Optional[tuple[float, float]] = None
+    #: the wrapped model (or None for a functional adapter)
+    model: Optional[torch.nn.Module] = None
+
+    def plan(self, latents: torch.Tensor) -> DecodePlan:
+        """Validates `latents` (raising ValueError/TypeError naming it) and returns the plan."""
+        raise NotImplementedError
+
+    def initial_state(self) -> State:
+        raise NotImplementedError
+
+    def step(self, index: int, latent_group: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Runs decoder step `index`; returns raw (unclamped) frames and the next state.
+
+        Pure: `state` is not modified; the returned state is a new list.
+        """
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the step uses (the engine differentiates those with requires_grad)."""
+        raise NotImplementedError
+
+    def clamp(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.clamp_range is None:
+            return frames
+        return frames.clamp(*self.clamp_range)
+
+
+def check_latents(latents, *, channels: int, name: str = "latents") -> None:
+    """Shared validation of a (B, C, T, h, w) latent tensor."""
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, {channels}, T, h, w), got {type(latents).__name__}")
+    if latents.dim() != 5:
+        raise ValueError(f"{name} must have shape (B, {channels}, T, h, w), got {tuple(latents.shape)}")
+    if not latents.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {latents.dtype}")
+    if latents.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels (dim 1) for this decoder, got shape {tuple(latents.shape)}")
+    if min(latents.shape) == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(latents.shape)}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")

@@ -1,0 +1,103 @@
+"""Adapter for diffusers `AutoencoderKLCogVideoX`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import DecodePlan, DecoderAdapter, State, check_latents
+
+
+def _is_cogvideox(model) -> bool:
+    try:
+        from diffusers import AutoencoderKLCogVideoX
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, AutoencoderKLCogVideoX)
+
+
+def _flatten(tree, leaves: list, prefix: tuple = ()) -> list:
+    """Depth-first (key path, leaf) pairs of a nested dict, in insertion order."""
+    paths = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            paths.extend(_flatten(value, leaves, prefix + (key,)))
+        else:
+            paths.append(prefix + (key,))
+            leaves.append(value)
+    return paths
+
+
+def _unflatten(paths, leaves) -> dict:
+    tree: dict = {}
+    for path, leaf in zip(paths, leaves):
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+class CogVideoXAdapter(DecoderAdapter):
+    """Chunks of `num_latent_frames_batch_size` (2) latent frames; the first takes 3 when the count is odd.
+
+    The state is the decoder's nested `conv_cache` dict flattened to a list;
+    its key layout is a fixed property of the decoder, recorded from the first
+    step's output. The model's own decode does not clamp, so clamp_range is None.
+    """
+
+    clamp_range = None
+
+    def __init__(self, vae):
+        if not _is_cogvideox(vae):
+            raise TypeError(f"CogVideoXAdapter needs a diffusers AutoencoderKLCogVideoX, got {type(vae).__name__}")
+        self.model = vae
+        cfg = vae.config
+        self.z_dim = cfg.latent_channels
+        self.chunk = vae.num_latent_frames_batch_size
+        self.temporal_levels = int(math.log2(cfg.temporal_compression_ratio))
+        self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.out_channels = cfg.out_channels
+        self._paths = None
+
+    def _frames_out(self, latent_frames: int) -> int:
+        n = latent_frames
+        for _ in range(self.temporal_levels):  # CogVideoXUpsample3D(compress_time=True)
+            n = n if n == 1 else (1 + 2 * (n - 1) if n % 2 == 1 else 2 * n)
+        return n
+
+    def plan(self, latents: torch.Tensor) -> DecodePlan:
+        check_latents(latents, channels=self.z_dim)
+        b, _, t, h, w = latents.shape
+        # Mirrors AutoencoderKLCogVideoX._decode's slicing.
+        num_batches = max(t // self.chunk, 1)
+        rem = t % self.chunk
+        bounds = [0] + [min(self.chunk * (i + 1) + rem, t) for i in range(num_batches)]
+        frames = tuple(self._frames_out(bounds[i + 1] - bounds[i]) for i in range(num_batches))
+        return DecodePlan(tuple(bounds), frames, b, self.out_channels, h * self.spatial_factor, w * self.spatial_factor)
+
+    def initial_state(self) -> State:
+        return []
+
+    def step(self, index: int, latent_group: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        if index == 0 or not state:
+            conv_cache = None
+        else:
+            if self._paths is None or len(self._paths) != len(state):
+                raise ValueError("CogVideoX decoder state does not match this decoder's cache layout")
+            conv_cache = _unflatten(self._paths, state)
+        z = latent_group
+        if self.model.post_quant_conv is not None:
+            z = self.model.post_quant_conv(z)
+        out, new_cache = self.model.decoder(z, conv_cache=conv_cache)
+        leaves: list = []
+        paths = _flatten(new_cache, leaves)
+        if self._paths is None:
+            self._paths = paths
+        return out, leaves
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        params = list(self.model.decoder.parameters())
+        if self.model.post_quant_conv is not None:
+            params = list(self.model.post_quant_conv.parameters()) + params
+        return params

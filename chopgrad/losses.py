@@ -1,0 +1,98 @@
+"""Loss specifications: built-in pixel losses, weighted dicts of them, and callables.
+
+Built-in losses are elementwise and reduced by a sum per decoder step; the
+video loss divides by the element count (or mask sum) of all supervised
+frames, so `reduction="mean"` equals the loss of the whole decoded video at
+once. Callables `(pred, target) -> scalar` are applied per decoder step to
+(B, C, f, H, W) frame groups and are treated as means over the frames they
+see: under "mean" step g is weighted by its share of supervised frames, under
+"sum" the per-step values are added.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+CHARBONNIER_EPS = 1e-3
+HUBER_DELTA = 1.0
+
+
+def _mse(pred, target):
+    return (pred - target).square()
+
+
+def _l1(pred, target):
+    return (pred - target).abs()
+
+
+def _charbonnier(pred, target):
+    return ((pred - target).square() + CHARBONNIER_EPS**2).sqrt()
+
+
+def _huber(pred, target):
+    return torch.nn.functional.huber_loss(pred, target, reduction="none", delta=HUBER_DELTA)
+
+
+#: Elementwise PyTorch references of the built-in pixel losses (fp32 math).
+ELEMENTWISE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": _mse,
+    "l1": _l1,
+    "charbonnier": _charbonnier,
+    "huber": _huber,
+}
+
+LossSpec = Union[str, Callable, dict]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    weight: float
+    name: Optional[str] = None  # a built-in elementwise loss
+    fn: Optional[Callable] = None  # a user callable (pred, target) -> scalar
+
+    @property
+    def elementwise(self) -> bool:
+        return self.name is not None
+
+
+def resolve_loss(loss: LossSpec) -> list[LossTerm]:
+    """Turns `loss` (a name, a callable, or a {name_or_callable: weight} dict) into terms."""
+    if isinstance(loss, str):
+        return [_named_term(loss, 1.0)]
+    if isinstance(loss, dict):
+        if not loss:
+            raise ValueError("loss: a weighted dict must name at least one loss")
+        terms = []
+        for key, weight in loss.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(f"loss: the weight of {key!r} must be a number, got {weight!r}")
+            if isinstance(key, str):
+                terms.append(_named_term(key, float(weight)))
+            elif callable(key):
+                terms.append(LossTerm(float(weight), fn=key))
+            else:
+                raise TypeError(f"loss: dict keys must be loss names or callables, got {key!r}")
+        return terms
+    if callable(loss):
+        return [LossTerm(1.0, fn=loss)]
+    raise TypeError(f"loss must be a loss name, a callable (pred, target) -> scalar, or a weighted dict, got {type(loss).__name__}")
+
+
+def _named_term(name: str, weight: float) -> LossTerm:
+    if name not in ELEMENTWISE_LOSSES:
+        raise ValueError(f"loss: unknown loss name {name!r}; known names are {sorted(ELEMENTWISE_LOSSES)}")
+    return LossTerm(weight, name=name)
+
+
+def per_frame(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
+    """Adapts an image loss taking (N, C, H, W) (LPIPS, DISTS, ...) to (B, C, f, H, W) frame groups."""
+
+    def video_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = pred.shape
+        as_images = lambda x: x.transpose(1, 2).reshape(b * f, c, h, w)
+        return fn(as_images(pred), as_images(target)).mean()
+
+    video_loss.__name__ = f"per_frame({getattr(fn, '__name__', type(fn).__name__)})"
+    return video_loss
