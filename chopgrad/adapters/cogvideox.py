@@ -55,8 +55,10 @@ class CogVideoXAdapter(DecoderAdapter):
         cfg = vae.config
         self.z_dim = cfg.latent_channels
         self.chunk = vae.num_latent_frames_batch_size
-        self.temporal_levels = int(math.log2(cfg.temporal_compression_ratio))
-        self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        upsamplers = len(cfg.block_out_channels) - 1  # the last up block has none
+        # CogVideoXDecoder3D compresses time in its first log2(ratio) up blocks.
+        self.temporal_levels = min(int(math.log2(cfg.temporal_compression_ratio)), upsamplers)
+        self.spatial_factor = 2**upsamplers
         self.out_channels = cfg.out_channels
         self._paths = None
 

@@ -1,0 +1,249 @@
+"""pixel_loss features: upstream gradients, groups, masks, streaming targets,
+no_grad evaluation, reductions, losses, clamp, autocast."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import chopgrad
+from tiny_models import tiny_wan21, truncated_oracle
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def wan():
+    vae = tiny_wan21()
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 4, 4, 5, generator=g)
+    with torch.no_grad():
+        video = vae.decode(latents).sample
+    target = torch.rand(video.shape, generator=g) * 2 - 1
+    return vae, latents, video, target
+
+
+def full_grad(vae, latents, loss_of_video):
+    z = latents.clone().requires_grad_(True)
+    value = loss_of_video(vae.decode(z).sample)
+    (grad,) = torch.autograd.grad(value, z)
+    return float(value.detach()), grad
+
+
+def chop_grad(vae, latents, target, **kw):
+    z = latents.clone().requires_grad_(True)
+    value = chopgrad.pixel_loss(vae, z, target, **kw)
+    (grad,) = torch.autograd.grad(value, z)
+    return float(value.detach()), grad
+
+
+def test_upstream_module_gets_gradient_combined_with_other_loss(wan):
+    vae, latents, _, target = wan
+    torch.manual_seed(0)
+    upstream = torch.nn.Conv3d(4, 4, kernel_size=1)
+    noise = latents.clone()
+
+    def total_loss(pixel_term):
+        z = upstream(noise)
+        return pixel_term(z) + 0.1 * z.square().mean()
+
+    upstream.zero_grad()
+    total_loss(lambda z: F.mse_loss(vae.decode(z).sample, target)).backward()
+    expected = [p.grad.clone() for p in upstream.parameters()]
+    upstream.zero_grad()
+    vae.zero_grad(set_to_none=True)
+    vae.requires_grad_(False)
+    try:
+        total_loss(lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=None)).backward()
+    finally:
+        vae.requires_grad_(True)
+    for p, e in zip(upstream.parameters(), expected):
+        assert rel_err(p.grad, e) <= 1e-5
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_frozen_decoder_gets_no_parameter_gradients(wan):
+    vae, latents, _, target = wan
+    vae.requires_grad_(False)
+    try:
+        z = latents.clone().requires_grad_(True)
+        chopgrad.pixel_loss(vae, z, target, d_trunc=1).backward()
+        assert z.grad is not None and all(p.grad is None for p in vae.parameters())
+    finally:
+        vae.requires_grad_(True)
+
+
+def test_decoder_only_training_without_latent_grad(wan):
+    vae, latents, _, target = wan
+    vae.zero_grad(set_to_none=True)
+    chopgrad.pixel_loss(vae, latents, target, d_trunc=None).backward()
+    got = {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+    vae.zero_grad(set_to_none=True)
+    F.mse_loss(vae.decode(latents).sample, target).backward()
+    expected = {n: p.grad for n, p in vae.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected) and len(got) > 10
+    for n in expected:
+        assert rel_err(got[n], expected[n]) <= 1e-5, n
+    vae.zero_grad(set_to_none=True)
+
+
+def test_groups_supervise_a_subset_and_stop_after_the_last(wan, monkeypatch):
+    vae, latents, _, target = wan
+    adapter = chopgrad.wrap(vae)
+    plan = adapter.plan(latents)
+    sl1, sl2 = plan.frame_slice(1), plan.frame_slice(2)
+    value, grad = full_grad(vae, latents, lambda v: (
+        (v[:, :, sl1] - target[:, :, sl1]).square().sum() + (v[:, :, sl2] - target[:, :, sl2]).square().sum())
+        / (target[:, :, sl1].numel() + target[:, :, sl2].numel()))
+    calls = []
+    original = adapter.step
+    monkeypatch.setattr(adapter, "step", lambda i, z, s: (calls.append(i), original(i, z, s))[1])
+    got_value, got_grad = chop_grad(adapter, latents, target, d_trunc=None, groups=[1, 2])
+    assert got_value == pytest.approx(value, rel=1e-5)
+    assert rel_err(got_grad, grad) <= 1e-5
+    assert max(calls) == 2 and 3 not in calls  # decoding stopped after the last supervised step
+
+
+@pytest.mark.parametrize("schedule", ["sliding", "chunked"])
+def test_groups_with_truncation_match_oracle(wan, schedule):
+    vae, latents, _, target = wan
+    _, ref = truncated_oracle(vae, latents, target, d_trunc=1, schedule=schedule, supervised=[0, 2, 3])[:2]
+    plan = chopgrad.wrap(vae).plan(latents)
+    # The oracle normalises by the supervised frames too.
+    _, got = chop_grad(vae, latents, target, d_trunc=1, schedule=schedule, groups=[0, 2, 3])
+    assert rel_err(got, ref) <= 1e-5
+    assert plan.num_steps == 4
+
+
+def test_mask_weights_pixels_and_normalises_by_mask_sum(wan):
+    vae, latents, video, target = wan
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.rand(video.shape[0], 1, *video.shape[2:], generator=g) > 0.5).float()
+    mask[:, :, 3] = 0  # an all-zero frame
+    expected = lambda v: ((v - target).square() * mask).sum() / (mask.sum() * video.shape[1])
+    value, grad = full_grad(vae, latents, expected)
+    got_value, got_grad = chop_grad(vae, latents, target, mask=mask, d_trunc=None)
+    assert got_value == pytest.approx(value, rel=1e-5)
+    assert rel_err(got_grad, grad) <= 1e-5
+
+
+def test_all_zero_mask_gives_zero_loss_and_gradient(wan):
+    vae, latents, video, target = wan
+    mask = torch.zeros(video.shape[0], 1, *video.shape[2:])
+    value, grad = chop_grad(vae, latents, target, mask=mask, d_trunc=1)
+    assert value == 0.0 and grad.abs().max() == 0
+
+
+def test_callable_target_and_mask_stream_per_step(wan):
+    vae, latents, video, target = wan
+    mask = torch.rand(video.shape[0], 3, *video.shape[2:], generator=torch.Generator().manual_seed(2))
+    requested = []
+
+    def target_fn(frames):
+        requested.append((frames.start, frames.stop))
+        return target[:, :, frames]
+
+    value, grad = chop_grad(vae, latents, target, mask=mask, d_trunc=1)
+    got_value, got_grad = chop_grad(vae, latents, target_fn, mask=lambda s: mask[:, :, s], d_trunc=1)
+    assert got_value == pytest.approx(value, rel=1e-6)
+    assert torch.allclose(got_grad, grad, rtol=1e-6, atol=1e-9)
+    assert requested[:4] == [(0, 1), (1, 5), (5, 9), (9, 13)]
+
+
+def test_target_on_another_device_or_dtype_is_moved_per_step(wan):
+    vae, latents, _, target = wan
+    value, _ = chop_grad(vae, latents, target, d_trunc=0)
+    got, _ = chop_grad(vae, latents, target.double(), d_trunc=0)
+    assert got == pytest.approx(value, rel=1e-6)
+
+
+def test_no_grad_only_evaluates(wan):
+    vae, latents, video, target = wan
+    z = latents.clone().requires_grad_(True)
+    vae.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        value = chopgrad.pixel_loss(vae, z, target, d_trunc=1)
+    assert not value.requires_grad
+    assert float(value) == pytest.approx(float(F.mse_loss(video, target)), rel=1e-5)
+    assert z.grad is None and all(p.grad is None for p in vae.parameters())
+
+
+def test_reduction_sum(wan):
+    vae, latents, _, target = wan
+    value, grad = full_grad(vae, latents, lambda v: (v - target).square().sum())
+    got_value, got_grad = chop_grad(vae, latents, target, reduction="sum", d_trunc=None)
+    assert got_value == pytest.approx(value, rel=1e-5)
+    assert rel_err(got_grad, grad) <= 1e-5
+
+
+@pytest.mark.parametrize("name,reference", [
+    ("l1", lambda v, t: (v - t).abs().mean()),
+    ("charbonnier", lambda v, t: ((v - t).square() + 1e-6).sqrt().mean()),
+    ("huber", lambda v, t: F.huber_loss(v, t, delta=1.0)),
+])
+def test_named_losses(wan, name, reference):
+    vae, latents, _, target = wan
+    value, grad = full_grad(vae, latents, lambda v: reference(v, target))
+    got_value, got_grad = chop_grad(vae, latents, target, loss=name, d_trunc=None)
+    assert got_value == pytest.approx(value, rel=1e-5)
+    assert rel_err(got_grad, grad) <= 1e-5
+
+
+def test_weighted_dict_with_callable_term(wan):
+    vae, latents, _, target = wan
+
+    def frame_mean_abs(pred, tgt):  # a mean over the frames it sees
+        return (pred - tgt).abs().mean()
+
+    expected = lambda v: F.mse_loss(v, target) + 0.5 * (v - target).abs().mean() + 2.0 * frame_mean_abs(v, target)
+    value, grad = full_grad(vae, latents, expected)
+    got_value, got_grad = chop_grad(vae, latents, target, loss={"mse": 1.0, "l1": 0.5, frame_mean_abs: 2.0},
+                                    d_trunc=None)
+    assert got_value == pytest.approx(value, rel=1e-5)
+    assert rel_err(got_grad, grad) <= 1e-5
+
+
+def test_per_frame_wraps_image_losses(wan):
+    vae, latents, _, target = wan
+    image_loss = lambda p, t: (p - t).square().flatten(1).mean(1)  # (N,) per image, like LPIPS
+    value, grad = full_grad(vae, latents, lambda v: F.mse_loss(v, target))
+    got_value, got_grad = chop_grad(vae, latents, target, loss=chopgrad.per_frame(image_loss), d_trunc=None)
+    assert got_value == pytest.approx(value, rel=1e-5)
+    assert rel_err(got_grad, grad) <= 1e-5
+
+
+def test_clamp_false_differentiates_the_raw_output(wan):
+    vae, latents, _, _ = wan
+    adapter = chopgrad.wrap(vae)
+    with torch.no_grad():
+        raw = chopgrad.decode(vae, latents, clamp=False)
+    target = raw.detach() * 0.5  # raw values beyond [-1, 1] make the clamp matter
+    z = latents.clone().requires_grad_(True)
+    state, parts = adapter.initial_state(), []
+    for g in range(4):
+        frames, state = adapter.step(g, z[:, :, g:g + 1], state)
+        parts.append(frames)
+    (grad,) = torch.autograd.grad(F.mse_loss(torch.cat(parts, 2), target), z)
+    _, got = chop_grad(vae, latents, target, clamp=False, d_trunc=None)
+    assert rel_err(got, grad) <= 1e-5
+    if raw.abs().max() > 1:
+        _, clamped = chop_grad(vae, latents, target, clamp=True, d_trunc=None)
+        assert rel_err(clamped, grad) > 1e-6
+
+
+def test_autocast_reaches_decoder_steps(wan):
+    vae, latents, _, target = wan
+    seen = []
+    handle = vae.decoder.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        z = latents.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = chopgrad.pixel_loss(vae, z, target, d_trunc=1)
+            with torch.no_grad():
+                reference = F.mse_loss(vae.decode(latents).sample.float(), target)
+        value.backward()
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in seen
+    assert float(value) == pytest.approx(float(reference), rel=2e-2)
+    assert z.grad is not None and torch.isfinite(z.grad).all()
