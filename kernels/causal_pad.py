@@ -116,27 +116,30 @@ def make_geometry(x: torch.Tensor, cache: torch.Tensor | None, time_pad: int, ph
 @triton_kernel
 def _causal_pad_fwd_kernel(
     x_ptr, c_ptr, out_ptr, newc_ptr,
-    C, TX, TC, H, W, TZ, TCP, TP, TN, PH, PW, NJ,
+    C, TX, TC, H, W, TZ, TCP, TP, TN, PH, PW, NJ, NCB,
     xsb, xsc, xst, xsh, xsw,
     csb, csc, cst, csh, csw,
-    HAS_CACHE: tl.constexpr, SKIP_X: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SKIP_X: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Program (bc * NJ + jj, block): padded frame ``jj < TP`` or emitted-cache slot ``jj - TP``.
+    """Program ((b * NCB + cblk) * NJ + jj, block): CB channels x BLOCK pixels of one frame.
 
+    ``jj < TP``: padded output frame ``jj``; else emitted-cache slot ``jj - TP``.
     ``SKIP_X``: frames of ``x`` only get their zero border (the fused norm op
     writes their interior) and only cache-sourced emitted slots are written.
     """
     pid = tl.program_id(0)
     blk = tl.program_id(1)
-    bc = pid // NJ
     jj = pid % NJ
-    b = bc // C
-    c = bc % C
+    bcb = pid // NJ
+    b = bcb // NCB
+    cc = (bcb % NCB) * CB + tl.arange(0, CB)
+    cok = (cc < C)[:, None]
     HP = H + 2 * PH
     WP = W + 2 * PW
     offs = blk * BLOCK + tl.arange(0, BLOCK)
-    xb = x_ptr + b.to(tl.int64) * xsb + c.to(tl.int64) * xsc
-    cb = c_ptr + b.to(tl.int64) * csb + c.to(tl.int64) * csc
+    xb = x_ptr + b.to(tl.int64) * xsb + cc[:, None].to(tl.int64) * xsc
+    cb = c_ptr + b.to(tl.int64) * csb + cc[:, None].to(tl.int64) * csc
+    row = (b.to(tl.int64) * C + cc[:, None])
     if jj < TP:
         j = jj
         live = offs < HP * WP
@@ -144,76 +147,86 @@ def _causal_pad_fwd_kernel(
         wp = offs % WP
         h = hp - PH
         w = wp - PW
-        inside = live & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        inside = (live & (h >= 0) & (h < H) & (w >= 0) & (w < W))[None, :] & cok
         jv = offs * 0 + j
-        is_cache = (jv >= TZ) & (jv < TZ + TCP)
-        is_x = jv >= TZ + TCP
-        v = tl.load(xb + (jv - TZ - TCP).to(tl.int64) * xst + h * xsh + w * xsw,
-                    mask=inside & is_x, other=0.0)
+        is_cache = ((jv >= TZ) & (jv < TZ + TCP))[None, :]
+        is_x = (jv >= TZ + TCP)[None, :]
+        sp_x = ((jv - TZ - TCP).to(tl.int64) * xst + h * xsh + w * xsw)[None, :]
+        v = tl.load(xb + sp_x, mask=inside & is_x, other=0.0)
         if HAS_CACHE:
-            vc = tl.load(cb + (jv - TZ + TC - TCP).to(tl.int64) * cst + h * csh + w * csw,
-                         mask=inside & is_cache, other=0.0)
+            sp_c = ((jv - TZ + TC - TCP).to(tl.int64) * cst + h * csh + w * csw)[None, :]
+            vc = tl.load(cb + sp_c, mask=inside & is_cache, other=0.0)
             v = tl.where(is_cache, vc, v)
-        smask = live
+        smask = live[None, :] & cok
         if SKIP_X:
-            smask = live & ((~is_x) | (~inside))
-        tl.store(out_ptr + bc.to(tl.int64) * TP * HP * WP + j * HP * WP + offs, v, mask=smask)
+            smask = smask & ((~is_x) | (~inside))
+        tl.store(out_ptr + (row * TP + j) * HP * WP + offs[None, :], v, mask=smask)
     else:
         k = jj - TP
-        live = offs < H * W
+        live = (offs < H * W)[None, :] & cok
         h = offs // W
         w = offs % W
         sv = offs * 0 + (TC + TX - TN + k)
-        from_c = sv < TC
-        v = tl.load(xb + (sv - TC).to(tl.int64) * xst + h * xsh + w * xsw, mask=live & (~from_c), other=0.0)
+        from_c = (sv < TC)[None, :]
+        v = tl.load(xb + ((sv - TC).to(tl.int64) * xst + h * xsh + w * xsw)[None, :], mask=live & (~from_c),
+                    other=0.0)
         if HAS_CACHE:
-            vc = tl.load(cb + sv.to(tl.int64) * cst + h * csh + w * csw, mask=live & from_c, other=0.0)
+            vc = tl.load(cb + (sv.to(tl.int64) * cst + h * csh + w * csw)[None, :], mask=live & from_c, other=0.0)
             v = tl.where(from_c, vc, v)
-        tl.store(newc_ptr + bc.to(tl.int64) * TN * H * W + k * H * W + offs, v, mask=live)
+        tl.store(newc_ptr + (row * TN + k) * H * W + offs[None, :], v, mask=live)
 
 
 @triton_kernel
 def _causal_pad_bwd_kernel(
     gout_ptr, gnew_ptr, gx_ptr, gc_ptr,
-    C, TX, TC, H, W, TZ, TCP, TN, PH, PW, S0, NS,
+    C, TX, TC, H, W, TZ, TCP, TN, PH, PW, S0, NS, NCB,
     osb, osc, ost, osh, osw,
     nsb, nsc, nst, nsh, nsw,
-    HAS_GNEW: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GNEW: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Program (bc * NS + s - S0, block): gradient of concat frame ``s`` in ``[S0, S0 + NS)``.
+    """Program ((b * NCB + cblk) * NS + s - S0, block): gradient of concat frame ``s`` in ``[S0, S0 + NS)``.
 
     Concat frames are the cache's (``s < TC``) followed by x's.
     """
     pid = tl.program_id(0)
     blk = tl.program_id(1)
-    bc = pid // NS
     s = S0 + pid % NS
-    b = bc // C
-    c = bc % C
+    bcb = pid // NS
+    b = bcb // NCB
+    cc = (bcb % NCB) * CB + tl.arange(0, CB)
+    cok = (cc < C)[:, None]
     offs = blk * BLOCK + tl.arange(0, BLOCK)
-    live = offs < H * W
+    live = (offs < H * W)[None, :] & cok
     h = offs // W
     w = offs % W
     sv = offs * 0 + s
     is_c = sv < TC
     # padded frame of s (cache frames before TC - TCP were cropped)
     j = tl.where(is_c, TZ + sv - (TC - TCP), TZ + TCP + sv - TC)
-    in_out = (~is_c) | (sv >= TC - TCP)
-    g = tl.load(gout_ptr + b.to(tl.int64) * osb + c.to(tl.int64) * osc + j.to(tl.int64) * ost
-                + (h + PH) * osh + (w + PW) * osw, mask=live & in_out, other=0.0).to(tl.float32)
+    in_out = ((~is_c) | (sv >= TC - TCP))[None, :]
+    c64 = cc[:, None].to(tl.int64)
+    g = tl.load(gout_ptr + b.to(tl.int64) * osb + c64 * osc
+                + (j.to(tl.int64) * ost + (h + PH) * osh + (w + PW) * osw)[None, :],
+                mask=live & in_out, other=0.0).to(tl.float32)
     if HAS_GNEW:
         k = sv - (TC + TX - TN)
-        g += tl.load(gnew_ptr + b.to(tl.int64) * nsb + c.to(tl.int64) * nsc + k.to(tl.int64) * nst
-                     + h * nsh + w * nsw, mask=live & (k >= 0), other=0.0).to(tl.float32)
+        g += tl.load(gnew_ptr + b.to(tl.int64) * nsb + c64 * nsc
+                     + (k.to(tl.int64) * nst + h * nsh + w * nsw)[None, :],
+                     mask=live & (k >= 0)[None, :], other=0.0).to(tl.float32)
+    row = b.to(tl.int64) * C + cc[:, None]
     if s < TC:
-        tl.store(gc_ptr + (bc.to(tl.int64) * TC + s) * H * W + offs, g.to(gc_ptr.dtype.element_ty), mask=live)
+        tl.store(gc_ptr + (row * TC + s) * H * W + offs[None, :], g.to(gc_ptr.dtype.element_ty), mask=live)
     else:
-        tl.store(gx_ptr + (bc.to(tl.int64) * TX + (s - TC)) * H * W + offs, g.to(gx_ptr.dtype.element_ty),
+        tl.store(gx_ptr + (row * TX + (s - TC)) * H * W + offs[None, :], g.to(gx_ptr.dtype.element_ty),
                  mask=live)
 
 
-def _block(n: int, cuda: bool) -> int:
-    return min(1024 if cuda else 4096, triton.next_power_of_2(max(n, 16)))
+def _tile(C: int, n: int, cuda: bool) -> tuple[int, int]:
+    """(CB, BLOCK): channels and pixels per program (large tiles for the interpreter)."""
+    if cuda:
+        return 1, min(1024, triton.next_power_of_2(max(n, 16)))
+    cb = min(triton.next_power_of_2(C), 64)
+    return cb, min(triton.next_power_of_2(max(n, 16)), max(16, 65536 // cb))
 
 
 # ---------------------------------------------------------------------------
@@ -236,14 +249,15 @@ def causal_pad_forward(x, cache, geo: PadGeometry, *, emit_cache: bool, skip_x: 
         if emit_cache:
             n_slots = g.TN - g.NX if skip_x else g.TN
         NJ = g.TP + n_slots
-        blk = _block(max(g.HP * g.WP, g.H * g.W), x.is_cuda)
-        nblk = triton.cdiv(max(g.HP * g.WP, g.H * g.W), blk)
+        npix = max(g.HP * g.WP, g.H * g.W)
+        cb, blk = _tile(g.C, npix, x.is_cuda)
+        ncb = triton.cdiv(g.C, cb)
         cs = cache.stride() if cache is not None else (0,) * 5
-        _causal_pad_fwd_kernel[(g.B * g.C * NJ, nblk)](
+        _causal_pad_fwd_kernel[(g.B * ncb * NJ, triton.cdiv(npix, blk))](
             x, cache if cache is not None else x, out, newc if newc is not None else out,
-            g.C, g.TX, g.TC, g.H, g.W, g.TZ, g.TCP, g.TP, g.TN, g.ph, g.pw, NJ,
+            g.C, g.TX, g.TC, g.H, g.W, g.TZ, g.TCP, g.TP, g.TN, g.ph, g.pw, NJ, ncb,
             *x.stride(), *cs,
-            HAS_CACHE=cache is not None and g.TC > 0, SKIP_X=skip_x, BLOCK=blk,
+            HAS_CACHE=cache is not None and g.TC > 0, SKIP_X=skip_x, CB=cb, BLOCK=blk,
         )
         return out, newc
     # PyTorch reference: fill regions by slicing (each element written once).
@@ -290,15 +304,15 @@ def causal_pad_backward(gout, gnew, geo: PadGeometry, *, need_x: bool, need_cach
         # concat frames handled: [s0, s0 + ns) -- cache frames [0, TC), x frames [TC, TC + TX)
         s0 = 0 if need_cache else g.TC
         ns = (g.TC if need_cache else 0) + (g.TX if need_x else 0)
-        blk = _block(g.H * g.W, gout.is_cuda)
-        nblk = triton.cdiv(g.H * g.W, blk)
+        cb, blk = _tile(g.C, g.H * g.W, gout.is_cuda)
+        ncb = triton.cdiv(g.C, cb)
         gs = gnew.stride() if gnew is not None else (0,) * 5
-        _causal_pad_bwd_kernel[(g.B * g.C * ns, nblk)](
+        _causal_pad_bwd_kernel[(g.B * ncb * ns, triton.cdiv(g.H * g.W, blk))](
             gout, gnew if gnew is not None else gout,
             gx if gx is not None else gout, gc if gc is not None else gout,
-            g.C, g.TX, g.TC, g.H, g.W, g.TZ, g.TCP, g.TN, g.ph, g.pw, s0, ns,
+            g.C, g.TX, g.TC, g.H, g.W, g.TZ, g.TCP, g.TN, g.ph, g.pw, s0, ns, ncb,
             *gout.stride(), *gs,
-            HAS_GNEW=gnew is not None, BLOCK=blk,
+            HAS_GNEW=gnew is not None, CB=cb, BLOCK=blk,
         )
         return gx, gc
     gx = gc = None
