@@ -1,0 +1,108 @@
+"""Dispatch rules of chopgrad.kernels: the env switch, backend reporting, import hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chopgrad import kernels
+from chopgrad.kernels import ENV_FORCE_TRITON, fused_ops_available
+from chopgrad.kernels import _dispatch as dispatch
+
+
+def test_env_switch_name_and_values(monkeypatch):
+    assert ENV_FORCE_TRITON == "CHOPGRAD_FORCE_TRITON"
+    monkeypatch.delenv(ENV_FORCE_TRITON, raising=False)
+    assert dispatch.force_mode() is None
+    for value, mode in (("1", "triton"), ("true", "triton"), ("0", "reference"), ("off", "reference")):
+        monkeypatch.setenv(ENV_FORCE_TRITON, value)
+        assert dispatch.force_mode() == mode
+    monkeypatch.setenv(ENV_FORCE_TRITON, "maybe")
+    with pytest.raises(ValueError, match="CHOPGRAD_FORCE_TRITON='maybe' is not understood"):
+        dispatch.force_mode()
+
+
+def test_automatic_dispatch(monkeypatch):
+    monkeypatch.delenv(ENV_FORCE_TRITON, raising=False)
+    cpu = torch.zeros(2)
+    assert not dispatch.use_triton(cpu)  # CPU tensors: reference
+    assert not dispatch.use_triton(cpu.double())
+    if torch.cuda.is_available() and dispatch.HAS_TRITON:
+        assert dispatch.use_triton(cpu.cuda())
+        assert not dispatch.use_triton(cpu.cuda().double())  # float64: reference
+    monkeypatch.setenv(ENV_FORCE_TRITON, "0")
+    assert not dispatch.use_triton(cpu)
+
+
+def test_forced_triton_on_cpu(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv(ENV_FORCE_TRITON, "1")
+    if dispatch.interpreter_ready():
+        assert dispatch.use_triton(torch.zeros(2))
+        assert not dispatch.use_triton(torch.zeros(2, dtype=torch.float64))
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            dispatch.use_triton(torch.zeros(2))
+
+
+def test_forced_triton_really_runs_the_kernel(monkeypatch):
+    """With the switch on, the public op must not fall back to the reference."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not dispatch.interpreter_ready():
+        pytest.skip("Triton interpreter not active")
+    from chopgrad.kernels import pixel_losses
+
+    def boom(*args, **kwargs):
+        raise AssertionError("reference path used")
+
+    monkeypatch.setattr(pixel_losses, "_pixel_loss_reference", boom)
+    monkeypatch.setenv(ENV_FORCE_TRITON, "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(1, 2, 2, 4, 4, device=device)
+    sums, grad = kernels.pixel_loss_value_and_grad(x, torch.zeros_like(x), kind="mse")
+    torch.testing.assert_close(grad, 2 * x)
+    monkeypatch.setenv(ENV_FORCE_TRITON, "0")
+    with pytest.raises(AssertionError, match="reference path used"):
+        kernels.pixel_loss_value_and_grad(x, torch.zeros_like(x), kind="mse")
+
+
+def test_fused_ops_available_reports_every_op(monkeypatch):
+    monkeypatch.delenv(ENV_FORCE_TRITON, raising=False)
+    info = fused_ops_available("cpu")
+    assert set(info) == set(kernels.OPS)
+    assert set(info.values()) == {"reference"}
+    monkeypatch.setenv(ENV_FORCE_TRITON, "1")
+    expected = "triton-interpreter" if dispatch.interpreter_ready() else "unavailable (set TRITON_INTERPRET=1)"
+    if not dispatch.HAS_TRITON:
+        expected = "reference"
+    assert set(fused_ops_available("cpu").values()) == {expected}
+    monkeypatch.setenv(ENV_FORCE_TRITON, "0")
+    assert set(fused_ops_available().values()) == {"reference"}
+
+
+def test_kernels_import_without_chopgrad_package_init():
+    """kernels/ must import nothing from chopgrad outside chopgrad.kernels (the engine may be unbuilt).
+
+    A stand-in ``chopgrad`` package (its ``__init__`` never runs) exposes only the
+    directory holding ``kernels``; importing ``chopgrad.kernels`` must then work
+    and load no other ``chopgrad`` module.
+    """
+    import chopgrad.kernels as k
+
+    parent = str(Path(k.__file__).parent.parent)  # chopgrad/ (kernels may be a symlink into it)
+    code = (
+        "import sys, types\n"
+        f"pkg = types.ModuleType('chopgrad'); pkg.__path__ = [{parent!r}]\n"
+        "sys.modules['chopgrad'] = pkg\n"
+        "import chopgrad.kernels as k\n"
+        "bad = [m for m in sys.modules if m.startswith('chopgrad.') and not m.startswith('chopgrad.kernels')]\n"
+        "assert not bad, bad\n"
+        "print(sorted(k.fused_ops_available('cpu')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "pixel_losses" in res.stdout
