@@ -1,0 +1,65 @@
+"""One pixel-loss training step (decode + MSE + backward to the latents) by each method.
+
+- "full": plain autograd through the model's own `vae.decode`.
+- "checkpoint": correct per-step activation checkpointing. A naive
+  `torch.utils.checkpoint` around a Wan decoder step breaks because the step
+  mutates its cache list and counter, so recomputation sees another state;
+  here the state is an explicit input and output of the checkpointed
+  function (chopgrad's pure adapter step), so recomputation is exact.
+- "pixel_loss": chopgrad's truncated backprop (schedule, d_trunc).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import chopgrad
+
+
+def full_backprop_loss(vae, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(vae.decode(latents).sample.float(), target.float())
+
+
+def checkpointed_loss(vae_or_adapter, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Exact loss and gradient; stores only each step's inputs (latent group + state)."""
+    adapter = chopgrad.wrap(vae_or_adapter)
+    plan = adapter.plan(latents)
+    state = adapter.initial_state()
+    total = latents.new_zeros((), dtype=torch.float32)
+    for g in range(plan.num_steps):
+        present = [s is not None for s in state]
+        next_layout: list = []
+
+        def run(z, *tensors, g=g, present=present, next_layout=next_layout):
+            slots = iter(tensors)
+            frames, nxt = adapter.step(g, z, [next(slots) if p else None for p in present])
+            next_layout[:] = [t is not None for t in nxt]
+            return (adapter.clamp(frames), *[t for t in nxt if t is not None])
+
+        z = latents[:, :, plan.group_bounds[g]:plan.group_bounds[g + 1]]
+        outputs = checkpoint(run, z, *[s for s in state if s is not None], use_reentrant=False)
+        frames, slots = outputs[0], iter(outputs[1:])
+        state = [next(slots) if p else None for p in next_layout]
+        sl = plan.frame_slice(g)
+        total = total + (frames.float() - target[:, :, sl].float()).square().sum()
+    return total / target.numel()
+
+
+def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding") -> Callable:
+    if method == "full":
+        return full_backprop_loss
+    if method == "checkpoint":
+        return checkpointed_loss
+    if method == "pixel_loss":
+        return lambda vae, z, target: chopgrad.pixel_loss(vae, z, target, loss="mse", d_trunc=d_trunc,
+                                                          schedule=schedule)
+    raise ValueError(f"method must be 'full', 'checkpoint' or 'pixel_loss', got {method!r}")
+
+
+def method_label(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding") -> str:
+    if method == "pixel_loss":
+        return f"chopgrad {schedule} d={d_trunc}"
+    return {"full": "full backprop", "checkpoint": "checkpointed (per step)"}[method]

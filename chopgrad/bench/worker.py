@@ -1,0 +1,76 @@
+"""Subprocess entry: `python -m chopgrad.bench.worker '<json config>'` prints one JSON line.
+
+Config keys: model, device, dtype, inputs (path of a torch.save'd
+{"latents", "target"}), method, d_trunc, schedule, repeats, warmup,
+save_grad (optional path for the latent gradient).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    config = json.loads((argv or sys.argv[1:])[0])
+    import torch
+
+    from chopgrad.bench.memory import PeakMemory
+    from chopgrad.bench.methods import loss_fn
+    from chopgrad.bench.workloads import DTYPES, load_model
+
+    device = torch.device(config.get("device", "cpu"))
+    if device.type == "cuda" and os.environ.get("CHOPGRAD_MEMORY_BUDGET"):
+        budget = int(os.environ["CHOPGRAD_MEMORY_BUDGET"])
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    torch.manual_seed(0)
+    dtype = DTYPES[config.get("dtype", "fp32")]
+    vae = load_model(config["model"], device=device, dtype=dtype)
+    vae.requires_grad_(False)  # the step trains the upstream latents, as in a diffusion fine-tune
+    inputs = torch.load(config["inputs"])
+    latents = inputs["latents"].to(device=device, dtype=dtype)
+    target = inputs["target"].to(device=device, dtype=dtype)
+    step_loss = loss_fn(config["method"], config.get("d_trunc"), config.get("schedule", "sliding"))
+
+    def train_step():
+        z = latents.clone().requires_grad_(True)
+        loss = step_loss(vae, z, target)
+        loss.backward()
+        return float(loss.detach()), z.grad
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        for _ in range(int(config.get("warmup", 0))):
+            train_step()
+        with PeakMemory(device) as mem:
+            value, grad = train_step()
+        times = []
+        for _ in range(int(config.get("repeats", 1))):
+            sync()
+            t0 = time.perf_counter()
+            train_step()
+            sync()
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError as exc:
+        print(json.dumps({"status": "oom", "detail": str(exc).splitlines()[0]}))
+        return 0
+    if config.get("save_grad"):
+        torch.save(grad.float().cpu(), config["save_grad"])
+    frames = target.shape[2]
+    median = statistics.median(times) if times else float("nan")
+    print(json.dumps({
+        "status": "ok", "loss": value, "peak_bytes": mem.peak_bytes, "baseline_bytes": mem.baseline_bytes,
+        "time_s": median, "times_s": times, "frames_per_s": frames / median if times else None,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
