@@ -28,7 +28,10 @@ def load_model(name: str, device="cpu", dtype=torch.float32):
         vae = _load_local(name)
     else:
         raise ValueError(f"model must be 'default', 'tiny-wan21' or a local diffusers VAE folder, got {name!r}")
-    return vae.to(device=device, dtype=dtype).eval()
+    vae = vae.to(device=device)
+    if dtype != next(vae.parameters()).dtype:
+        vae = vae.to(dtype=dtype)
+    return vae.eval()
 
 
 def _load_local(path: str):
