@@ -15,7 +15,9 @@ memory-lean autograd Function or value-and-grad function, a public function):
 * :func:`rms_norm_silu` -- diffusers ``WanRMS_norm`` + ``SiLU``; saves ``x`` and
   a per-position statistic only.
 * :func:`causal_pad` -- cache concat + zero padding of ``WanCausalConv3d`` in one
-  pass, emitting the next cache; :func:`rms_norm_silu_pad` fuses both.
+  pass, emitting the next cache; :func:`rms_norm_silu_pad` fuses both, and
+  :func:`rms_norm_silu_pad_conv3d` folds the following conv in too so the
+  padded conv input is rebuilt in backward instead of kept.
 * :func:`patch` / :func:`unpatch` -- swap an ``AutoencoderKLWan`` decoder's hot
   paths for these ops on one instance.
 
@@ -33,10 +35,10 @@ from ._dispatch import ENV_FORCE_TRITON, HAS_TRITON, backend_name, force_mode, i
 from .causal_pad import causal_pad, causal_pad_reference
 from .patch import is_patched, patch, unpatch
 from .pixel_losses import LOSS_KINDS, fused_pixel_loss, pixel_loss_frames, pixel_loss_value_and_grad
-from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_reference
+from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d, rms_norm_silu_reference
 from .ssim import fused_ssim, ssim_frames, ssim_value_and_grad
 
-OPS = ("pixel_losses", "ssim", "rms_norm_silu", "causal_pad", "rms_norm_silu_pad")
+OPS = ("pixel_losses", "ssim", "rms_norm_silu", "causal_pad", "rms_norm_silu_pad", "rms_norm_silu_pad_conv3d")
 """Names of the fused ops, as reported by :func:`fused_ops_available`."""
 
 
@@ -56,6 +58,6 @@ __all__ = [
     "ENV_FORCE_TRITON", "HAS_TRITON", "LOSS_KINDS", "OPS",
     "causal_pad", "causal_pad_reference", "force_mode", "fused_ops_available", "fused_pixel_loss", "fused_ssim",
     "interpreter_ready", "is_patched", "patch", "pixel_loss_frames", "pixel_loss_value_and_grad",
-    "rms_norm_silu", "rms_norm_silu_pad", "rms_norm_silu_reference", "ssim_frames", "ssim_value_and_grad",
+    "rms_norm_silu", "rms_norm_silu_pad", "rms_norm_silu_pad_conv3d", "rms_norm_silu_reference", "ssim_frames", "ssim_value_and_grad",
     "unpatch",
 ]

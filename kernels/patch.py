@@ -4,11 +4,13 @@ What is swapped (on the *instance* only: the diffusers classes are never
 touched, no module is replaced, parameters and ``state_dict`` are unchanged):
 
 * every ``WanResidualBlock`` of the decoder: ``norm -> SiLU -> cache -> cat ->
-  pad -> conv`` (twice per block) becomes :func:`rms_norm_silu_pad` + ``conv3d``
-  (saved state per half-block: the block input and a per-position statistic
-  plus the conv's padded input, instead of four activation-sized tensors);
+  pad -> conv`` (twice per block) becomes :func:`rms_norm_silu_pad_conv3d`
+  (saved state per half-block: the half-block input, a per-position
+  statistic and the 2-frame cache, instead of four activation-sized tensors
+  including the padded conv input), or with ``recompute_conv_input=False``
+  :func:`rms_norm_silu_pad` + ``conv3d`` (the conv keeps its padded input);
   with active dropout the second half falls back to
-  :func:`rms_norm_silu` + dropout + :func:`causal_pad`;
+  :func:`rms_norm_silu` + dropout + :func:`causal_pad` + ``conv3d``;
 * the decoder's forward: the head ``norm_out -> SiLU -> conv_out`` is fused the
   same way; ``conv_in`` goes through :func:`causal_pad`;
 * every other padded ``WanCausalConv3d`` of the decoder (the ``time_conv`` of
@@ -38,9 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .causal_pad import causal_pad
-from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad
+from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d
 
 _MARK = "_chopgrad_patch"
+_RECOMPUTE = "_chopgrad_recompute"
 _NO_FORWARD = "<class forward>"
 CACHE_T = 2
 
@@ -87,8 +90,13 @@ def _conv(conv: nn.Module, x_pad: torch.Tensor) -> torch.Tensor:
     return F.conv3d(x_pad, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
-def _norm_silu_conv(norm, conv, x, feat_cache, feat_idx, dropout=None):
-    """``conv(cache-pad(dropout(silu(norm(x)))))`` with diffusers' cache bookkeeping."""
+def _norm_silu_conv(norm, conv, x, feat_cache, feat_idx, dropout=None, recompute=True):
+    """``conv(cache-pad(dropout(silu(norm(x)))))`` with diffusers' cache bookkeeping.
+
+    ``recompute`` (``patch(..., recompute_conv_input=True)``) selects
+    :func:`rms_norm_silu_pad_conv3d`, which does not keep the padded conv
+    input for backward.
+    """
     cache = None
     idx = None
     if feat_cache is not None:
@@ -101,6 +109,15 @@ def _norm_silu_conv(norm, conv, x, feat_cache, feat_idx, dropout=None):
     if dropout is not None and dropout.training and dropout.p > 0:
         y = dropout(rms_norm_silu(x, norm.gamma, norm.bias, scale=norm.scale))
         res = causal_pad(y, cache, time_pad=tp, pad_h=ph, pad_w=pw, cache_t=CACHE_T, emit_cache=emit)
+    elif recompute:
+        res = rms_norm_silu_pad_conv3d(x, norm.gamma, norm.bias, cache, conv.weight, conv.bias, time_pad=tp,
+                                       pad_h=ph, pad_w=pw, stride=conv.stride, dilation=conv.dilation,
+                                       groups=conv.groups, cache_t=CACHE_T, scale=norm.scale, emit_cache=emit)
+        out, new_cache = res if emit else (res, None)
+        if emit:
+            feat_cache[idx] = new_cache
+            feat_idx[0] += 1
+        return out
     else:
         res = rms_norm_silu_pad(x, norm.gamma, norm.bias, cache, time_pad=tp, pad_h=ph, pad_w=pw,
                                 cache_t=CACHE_T, scale=norm.scale, emit_cache=emit)
@@ -143,9 +160,10 @@ def _causal_conv_forward(self, x, cache_x=None):
 
 def _resblock_forward(self, x, feat_cache=None, feat_idx=[0]):  # noqa: B006 - diffusers' signature
     """Patched ``WanResidualBlock.forward`` (same signature and cache protocol)."""
+    rc = self.__dict__.get(_RECOMPUTE, True)
     h = self.conv_shortcut(x)
-    x = _norm_silu_conv(self.norm1, self.conv1, x, feat_cache, feat_idx)
-    x = _norm_silu_conv(self.norm2, self.conv2, x, feat_cache, feat_idx, dropout=self.dropout)
+    x = _norm_silu_conv(self.norm1, self.conv1, x, feat_cache, feat_idx, recompute=rc)
+    x = _norm_silu_conv(self.norm2, self.conv2, x, feat_cache, feat_idx, dropout=self.dropout, recompute=rc)
     return x + h
 
 
@@ -155,7 +173,8 @@ def _decoder_forward(self, x, feat_cache=None, feat_idx=[0], first_chunk=False):
     x = self.mid_block(x, feat_cache=feat_cache, feat_idx=feat_idx)
     for up_block in self.up_blocks:
         x = up_block(x, feat_cache=feat_cache, feat_idx=feat_idx, first_chunk=first_chunk)
-    return _norm_silu_conv(self.norm_out, self.conv_out, x, feat_cache, feat_idx)
+    return _norm_silu_conv(self.norm_out, self.conv_out, x, feat_cache, feat_idx,
+                           recompute=self.__dict__.get(_RECOMPUTE, True))
 
 
 # ---------------------------------------------------------------------------
@@ -175,10 +194,13 @@ def _find_decoder(wan, model: nn.Module) -> nn.Module:
     )
 
 
-def _set(module: nn.Module, fn) -> None:
-    prev = module.__dict__.get("forward", _NO_FORWARD)
-    object.__setattr__(module, _MARK, prev)
-    object.__setattr__(module, "forward", types.MethodType(fn, module))
+def _set(module: nn.Module, fn, recompute: bool) -> None:
+    if _MARK not in module.__dict__:
+        prev = module.__dict__.get("forward", _NO_FORWARD)
+        object.__setattr__(module, _MARK, prev)
+        object.__setattr__(module, "forward", types.MethodType(fn, module))
+    if fn is not _causal_conv_forward:
+        object.__setattr__(module, _RECOMPUTE, bool(recompute))
 
 
 def _plan(wan, decoder: nn.Module) -> list[tuple[nn.Module, Any]]:
@@ -204,18 +226,22 @@ def _plan(wan, decoder: nn.Module) -> list[tuple[nn.Module, Any]]:
     return plan
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, *, recompute_conv_input: bool = True) -> nn.Module:
     """Swap the decoder hot paths of ``model`` (an ``AutoencoderKLWan`` or its decoder) for fused ops.
 
-    Works on CPU (PyTorch reference math, lean autograd) and CUDA (Triton).
-    Returns ``model``.  Idempotent; undo with :func:`unpatch`.
+    ``recompute_conv_input=True`` (default) also folds the convolution that
+    follows each norm + SiLU into the autograd Function
+    (:func:`rms_norm_silu_pad_conv3d`), so the padded conv input is rebuilt in
+    backward instead of being kept: the leanest variant.  ``False`` keeps the
+    conv as a plain ``conv3d`` after :func:`rms_norm_silu_pad` (the conv saves
+    its input).  Works on CPU (PyTorch reference math, lean autograd) and CUDA
+    (Triton).  Returns ``model``.  Patching again is harmless (it only updates
+    ``recompute_conv_input``); undo with :func:`unpatch`.
     """
     wan = _wan_classes()
     decoder = _find_decoder(wan, model)
     for module, fn in _plan(wan, decoder):
-        if _MARK in module.__dict__:
-            continue  # already patched
-        _set(module, fn)
+        _set(module, fn, recompute_conv_input)
     return model
 
 
@@ -224,6 +250,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     wan = _wan_classes()
     decoder = _find_decoder(wan, model)
     for m in decoder.modules():
+        m.__dict__.pop(_RECOMPUTE, None)
         if _MARK in m.__dict__:
             prev = m.__dict__.pop(_MARK)
             if prev is _NO_FORWARD:

@@ -373,21 +373,18 @@ def _norm_backward_reference(x, gamma, bias_t, bias_scalar, scale, rstd, gy, nee
             z.add_(bias_t.reshape(bshape).to(dt))
         elif bias_scalar != 0.0:
             z.add_(bias_scalar)
-        sg = torch.sigmoid(z)
-        # gz = gy * sg * (1 + z * (1 - sg)), computed in place in z
-        z.mul_(1.0 - sg).add_(1.0).mul_(sg).mul_(gy.to(dt))
-        gz = z
-        del sg
+        gz = torch.ops.aten.silu_backward(gy.to(dt), z)  # gy * sig(z) * (1 + z * (1 - sig(z))), one pass
+        del z
         gx = dgamma = dbias = None
         red = [0] + list(range(2, x.dim()))
         if need_params:
             dbias = gz.sum(dim=red)
-            dgamma = (gz * n).sum(dim=red) * scale
+            dgamma = torch.einsum("bc...,bc...->c", gz, n) * scale
         if need_x:
             gn = gz.mul_(gs)
-            dot = (gn * n).sum(dim=1, keepdim=True)
-            dot.mul_(rs > 0)
-            gx = gn.sub_(n.mul_(dot)).mul_(r).to(x.dtype)
+            dot = torch.einsum("bc...,bc...->b...", gn, n).unsqueeze(1)
+            dot.mul_(rs > 0).neg_()
+            gx = torch.addcmul(gn, n, dot, out=gn).mul_(r).to(x.dtype)
     return gx, dgamma, dbias
 
 
@@ -468,6 +465,67 @@ class RMSNormSiLUPadFunction(torch.autograd.Function):
         return gx, gg, gb, gc, None, None, None, None, None
 
 
+class RMSNormSiLUPadConvFunction(torch.autograd.Function):
+    """``conv3d(causal_pad(silu(rms_norm(x)), cache), weight, bias)`` without saving the padded input.
+
+    Saves ``x``, the statistic, the parameters and the (at most ``cache_t``
+    frames) cache; backward rebuilds the padded input with the fused producer
+    and calls ``aten.convolution_backward`` on it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, bias_t, cache, weight, conv_bias, bias_scalar, scale, eps, geo: PadGeometry,
+                emit_cache, conv_cfg):
+        triton_path = use_triton(x, gamma, bias_t, cache)
+        if triton_path:
+            x = x.contiguous()
+        stride, dilation, groups = conv_cfg
+        with torch.no_grad():
+            x_pad, newc = causal_pad_forward(x, cache, geo, emit_cache=emit_cache, skip_x=True,
+                                             triton_path=triton_path)
+            rstd = _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, x_pad, newc, geo, triton_path)
+            out = F.conv3d(x_pad, weight, conv_bias, stride, 0, dilation, groups)
+        del x_pad
+        used_cache = cache if (cache is not None and geo.TCP > 0) else None
+        ctx.save_for_backward(x, gamma, bias_t, rstd, used_cache, weight)
+        ctx.cfg = (bias_scalar, scale, eps, triton_path, geo, conv_cfg, conv_bias is not None)
+        ctx.set_materialize_grads(False)
+        if newc is None:
+            return out
+        return out, newc
+
+    @staticmethod
+    def backward(ctx, gout, gnew=None):
+        x, gamma, bias_t, rstd, cache, weight = ctx.saved_tensors
+        bias_scalar, scale, eps, triton_path, geo, (stride, dilation, groups), has_cbias = ctx.cfg
+        need_x, need_gamma, need_bias, need_cache, need_w, need_cb = ctx.needs_input_grad[:6]
+        need_params = need_gamma or need_bias
+        g_pad = None
+        g_w = g_cb = None
+        if gout is not None:
+            with torch.no_grad():
+                x_pad, _ = causal_pad_forward(x, cache, geo, emit_cache=False, skip_x=True, triton_path=triton_path)
+                _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, x_pad, None, geo, triton_path)
+                g_pad, g_w, g_cb = torch.ops.aten.convolution_backward(
+                    gout, x_pad, weight, [weight.shape[0]] if has_cbias else None, list(stride), [0, 0, 0],
+                    list(dilation), False, [0, 0, 0], groups,
+                    [need_x or need_params or need_cache, need_w, need_cb and has_cbias],
+                )
+            del x_pad
+        if g_pad is None:
+            g_pad = torch.zeros(geo.padded_shape(), dtype=x.dtype, device=x.device)
+        gx = dgamma = dbias = None
+        if need_x or need_params:
+            gx, dgamma, dbias = _norm_backward(x, gamma, bias_t, bias_scalar, scale, rstd, g_pad, gnew, geo,
+                                               need_x, need_params, triton_path)
+        gc = None
+        if need_cache:
+            _, gc = causal_pad_backward(g_pad, gnew, geo, need_x=False, need_cache=True, triton_path=triton_path,
+                                        dtype=x.dtype, device=x.device)
+        gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias_t)
+        return gx, gg, gb, gc, g_w if need_w else None, g_cb if need_cb else None, None, None, None, None, None, None
+
+
 # ---------------------------------------------------------------------------
 # public ops
 # ---------------------------------------------------------------------------
@@ -523,6 +581,45 @@ def rms_norm_silu_pad(
     bias_t, bias_scalar = _prep_params(x, gamma, bias)
     scale = float(x.shape[1] ** 0.5) if scale is None else float(scale)
     return RMSNormSiLUPadFunction.apply(x, gamma, bias_t, cache, bias_scalar, scale, float(eps), geo, emit_cache)
+
+
+def rms_norm_silu_pad_conv3d(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    bias: BiasSpec,
+    cache: torch.Tensor | None,
+    weight: torch.Tensor,
+    conv_bias: torch.Tensor | None = None,
+    *,
+    time_pad: int,
+    pad_h: int = 0,
+    pad_w: int = 0,
+    stride=(1, 1, 1),
+    dilation=(1, 1, 1),
+    groups: int = 1,
+    cache_t: int = 2,
+    eps: float = 1e-12,
+    scale: float | None = None,
+    emit_cache: bool = True,
+):
+    """``conv3d(rms_norm_silu_pad(x, ...), weight, conv_bias)`` that never keeps the padded input.
+
+    The whole ``norm -> SiLU -> cache -> cat -> pad -> conv`` chain of a
+    ``WanResidualBlock`` half.  Saved for backward: ``x``, the fp32 statistic,
+    the cache (at most ``cache_t`` frames) and the parameters; the padded
+    input (``time_pad + T`` frames) is rebuilt in backward by the fused
+    producer, which costs one extra elementwise pass.  Returns the conv output
+    and, with ``emit_cache``, the next cache (post-SiLU frames).
+    """
+    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    bias_t, bias_scalar = _prep_params(x, gamma, bias)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5 or weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"weight must be a conv3d weight (C_out, C/groups, kT, kH, kW) for C = {x.shape[1]}, "
+                         f"got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    scale = float(x.shape[1] ** 0.5) if scale is None else float(scale)
+    conv_cfg = (tuple(stride), tuple(dilation), int(groups))
+    return RMSNormSiLUPadConvFunction.apply(x, gamma, bias_t, cache, weight, conv_bias, bias_scalar, scale,
+                                            float(eps), geo, emit_cache, conv_cfg)
 
 
 def rms_norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, bias: BiasSpec = None, *, eps: float = 1e-12,

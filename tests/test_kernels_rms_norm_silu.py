@@ -162,3 +162,34 @@ def test_cuda_low_precision(dtype):
     want = torch.autograd.grad((ro * go).sum() + (rn * gn).sum(), [x32, g32, c32])
     for a, w in zip(got, want):
         torch.testing.assert_close(a.float(), w, rtol=5 * tol, atol=5 * tol * w.abs().max().item())
+
+
+@pytest.mark.parametrize("tc, tx", [(0, 1), (1, 1), (2, 3)])
+def test_fused_pad_conv_matches_eager_block_half(backend, kernel_device, tc, tx):
+    from chopgrad.kernels import rms_norm_silu_pad_conv3d
+
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    x, gamma, _ = _inputs(device, (1, 5, tx, 6, 7))
+    g = torch.Generator().manual_seed(9)
+    cache = torch.randn(1, 5, tc, 6, 7, generator=g).to(device).requires_grad_() if tc else None
+    weight = (torch.randn(4, 5, 3, 3, 3, generator=g) * 0.2).to(device).requires_grad_()
+    cbias = torch.randn(4, generator=g).to(device).requires_grad_()
+    x.requires_grad_()
+    gamma.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, new = rms_norm_silu_pad_conv3d(x, gamma, 0.0, cache, weight, cbias, time_pad=2, pad_h=1, pad_w=1)
+    # nothing as large as the padded input (tx + 2 frames) is kept
+    assert max(t.numel() for t in saved if t is not None) <= max(x.numel(), weight.numel())
+    y = rms_norm_silu_reference(x, gamma, 0.0)
+    y_pad, ref_new = causal_pad_reference(y, cache, time_pad=2, pad_h=1, pad_w=1)
+    ref = torch.nn.functional.conv3d(y_pad, weight, cbias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new, ref_new, rtol=1e-5, atol=1e-6)
+    inputs = [x, gamma, weight, cbias] + ([cache] if cache is not None else [])
+    gs = [torch.randn_like(out), torch.randn_like(new)]
+    for a, w in zip(_grads([out, new], inputs, gs), _grads([ref, ref_new], inputs, gs)):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
+    # only the conv output used downstream
+    for a, w in zip(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
