@@ -8,7 +8,8 @@ import torch
 from . import _ext
 from .adapters import DecodePlan, DecoderAdapter, wrap
 from .frames import FrameInput, FrameSource, optional_source
-from .losses import ELEMENTWISE_LOSSES, LossSpec, LossTerm, resolve_loss
+from .losses import LossSpec, resolve_loss
+from .video_loss import VideoLoss
 
 SCHEDULES = ("sliding", "chunked")
 REDUCTIONS = ("mean", "sum")
@@ -39,65 +40,6 @@ def _supervised_steps(groups: Optional[Iterable[int]], num_steps: int) -> list[b
     for g in chosen:
         mask[g] = True
     return mask
-
-
-class _VideoLoss:
-    """The per-step loss callback, normalised so the sum over steps is the video loss."""
-
-    def __init__(self, adapter: DecoderAdapter, plan: DecodePlan, terms: list[LossTerm], target: FrameSource,
-                 mask: Optional[FrameSource], reduction: str, clamp: bool, supervised: list[bool]):
-        self.adapter, self.plan, self.terms = adapter, plan, terms
-        self.target, self.mask = target, mask
-        self.reduction, self.clamp = reduction, clamp
-        supervised_frames = sum(f for f, s in zip(plan.frames_per_step, supervised) if s)
-        self.frame_share = [f / supervised_frames for f in plan.frames_per_step]
-        self.element_denominator = 1.0
-        if reduction == "mean" and any(t.elementwise for t in terms):
-            self.element_denominator = self._element_count(supervised)
-
-    def _element_count(self, supervised: list[bool]) -> float:
-        b, c, _, h, w = self.plan.video_shape
-        if self.mask is None:
-            return float(b * c * h * w * sum(f for f, s in zip(self.plan.frames_per_step, supervised) if s))
-        total = 0.0
-        with torch.no_grad():
-            for g, sup in enumerate(supervised):
-                if sup:
-                    m = self.mask.get(self.plan.frame_slice(g), like=torch.empty(0, device=self._mask_device()))
-                    total += float(m.float().sum()) * (c if m.shape[1] == 1 else 1)
-        # An all-zero mask supervises nothing: the loss and its gradient are zero.
-        return total if total > 0 else 1.0
-
-    def _mask_device(self):
-        return self.mask.tensor.device if self.mask.tensor is not None else "cpu"
-
-    def __call__(self, step: int, raw_frames: torch.Tensor, need_grad: bool):
-        pred = self.adapter.clamp(raw_frames) if self.clamp else raw_frames
-        frames = self.plan.frame_slice(step)
-        target = self.target.get(frames, like=pred)
-        mask = None if self.mask is None else self.mask.get(frames, like=pred)
-        total = torch.zeros((), device=pred.device, dtype=torch.float32)
-        elementwise = [t for t in self.terms if t.elementwise]
-        if elementwise:
-            p32, t32 = pred.float(), target.float()
-            per_element = sum(t.weight * ELEMENTWISE_LOSSES[t.name](p32, t32) for t in elementwise)
-            if mask is not None:
-                per_element = per_element * mask.float()
-            total = total + per_element.sum() / self.element_denominator
-        callables = [t for t in self.terms if not t.elementwise]
-        if callables:
-            if mask is not None:
-                # Unsupervised pixels are replaced by the target: they carry no gradient.
-                m = mask.to(pred.dtype)
-                pred = pred * m + target.to(pred.dtype) * (1 - m)
-            scale = self.frame_share[step] if self.reduction == "mean" else 1.0
-            for t in callables:
-                value = t.fn(pred, target)
-                if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                    raise ValueError(f"loss: the callable {getattr(t.fn, '__name__', t.fn)!r} must return a scalar tensor, "
-                                     f"got {type(value).__name__} of shape {getattr(value, 'shape', None)}")
-                total = total + t.weight * scale * value.reshape(()).float()
-        return total
 
 
 def _prepare(vae_or_decoder, latents) -> tuple[DecoderAdapter, DecodePlan]:
@@ -144,8 +86,10 @@ def pixel_loss(
         latents: (B, z_dim, T, h, w) latents.
         target: the (B, C, F, H, W) target video on any device, or a callable
             `frame_slice -> (B, C, f, H, W) tensor` (streaming).
-        loss: "mse", "l1", "charbonnier", "huber", a callable (pred, target) -> scalar
-            applied per decoder step, or a dict {name_or_callable: weight}.
+        loss: "mse", "l1", "charbonnier", "huber", "ssim" (1 - SSIM), a callable
+            (pred, target) -> scalar applied per decoder step to (B, C, f, H, W)
+            frames, or a dict {name_or_callable: weight}. Named losses run
+            through chopgrad.kernels' fused value-and-grad ops.
         d_trunc: truncation distance in decoder steps (>= 0), or None for none.
         schedule: "sliding" (exact truncated gradient, (d_trunc+1)x compute) or
             "chunked" (1x compute, truncation distance 0..d_trunc).
@@ -167,7 +111,7 @@ def pixel_loss(
     supervised = _supervised_steps(groups, plan.num_steps)
     target_source = FrameSource(target, "target", plan.video_shape)
     mask_source = optional_source(mask, "mask", plan.video_shape, allow_single_channel=True)
-    video_loss = _VideoLoss(adapter, plan, terms, target_source, mask_source, reduction, clamp, supervised)
+    video_loss = VideoLoss(adapter, plan, terms, target_source, mask_source, reduction, clamp, supervised)
     engine = _ext.load_extension().Engine(
         _checked_step(adapter, plan), video_loss, list(plan.group_bounds), supervised, d, schedule,
         adapter.initial_state(), 2)

@@ -1,9 +1,11 @@
 """Loss specifications: built-in pixel losses, weighted dicts of them, and callables.
 
-Built-in losses are elementwise and reduced by a sum per decoder step; the
-video loss divides by the element count (or mask sum) of all supervised
-frames, so `reduction="mean"` equals the loss of the whole decoded video at
-once. Callables `(pred, target) -> scalar` are applied per decoder step to
+Built-in pixel losses ("mse", "l1", "charbonnier", "huber") are elementwise
+and reduced by a sum per decoder step; the video loss divides by the element
+count (or mask sum) of all supervised frames, so `reduction="mean"` equals the
+loss of the whole decoded video at once. "ssim" is `1 - SSIM` per frame
+(11x11 Gaussian window, data range 2), averaged over supervised frames under
+"mean" and summed under "sum". Callables `(pred, target) -> scalar` are applied per decoder step to
 (B, C, f, H, W) frame groups and are treated as means over the frames they
 see: under "mean" step g is weighted by its share of supervised frames, under
 "sum" the per-step values are added.
@@ -43,6 +45,11 @@ ELEMENTWISE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     "huber": _huber,
 }
 
+#: Frame-wise losses computed by fused value-and-grad ops ("ssim" means 1 - SSIM).
+FRAME_LOSSES = ("ssim",)
+
+LOSS_NAMES = tuple(ELEMENTWISE_LOSSES) + FRAME_LOSSES
+
 LossSpec = Union[str, Callable, dict]
 
 
@@ -54,7 +61,15 @@ class LossTerm:
 
     @property
     def elementwise(self) -> bool:
-        return self.name is not None
+        return self.name in ELEMENTWISE_LOSSES
+
+    @property
+    def is_ssim(self) -> bool:
+        return self.name == "ssim"
+
+    @property
+    def is_callable(self) -> bool:
+        return self.fn is not None
 
 
 def resolve_loss(loss: LossSpec) -> list[LossTerm]:
@@ -81,8 +96,8 @@ def resolve_loss(loss: LossSpec) -> list[LossTerm]:
 
 
 def _named_term(name: str, weight: float) -> LossTerm:
-    if name not in ELEMENTWISE_LOSSES:
-        raise ValueError(f"loss: unknown loss name {name!r}; known names are {sorted(ELEMENTWISE_LOSSES)}")
+    if name not in LOSS_NAMES:
+        raise ValueError(f"loss: unknown loss name {name!r}; known names are {sorted(LOSS_NAMES)}")
     return LossTerm(weight, name=name)
 
 

@@ -127,5 +127,5 @@ def truncated_oracle(vae, latents, target, *, d_trunc, schedule, supervised=None
         for acc, gr in zip(grad_p, grads[1:]):
             if gr is not None:
                 acc += gr
-        total += float(l_g)
+        total += float(l_g.detach())
     return total, grad_z, dict(zip(names, grad_p))

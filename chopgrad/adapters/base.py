@@ -57,6 +57,9 @@ class DecoderAdapter:
 
     #: (low, high) of the model's own output clamp, or None if it does not clamp.
     clamp_range: Optional[tuple[float, float]] = None
+    #: True when the frames a step returns share storage with nothing else
+    #: (not the state, not a parameter): the loss may then overwrite them in place.
+    frames_are_private: bool = False
     #: the wrapped model (or None for a functional adapter)
     model: Optional[torch.nn.Module] = None
 

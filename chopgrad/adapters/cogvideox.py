@@ -47,6 +47,9 @@ class CogVideoXAdapter(DecoderAdapter):
     """
 
     clamp_range = None
+    # The frames are the decoder's conv_out output, referenced by nothing else:
+    # a fused loss may overwrite them with their gradient.
+    frames_are_private = True
 
     def __init__(self, vae):
         if not _is_cogvideox(vae):

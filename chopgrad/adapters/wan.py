@@ -29,6 +29,9 @@ class WanAdapter(DecoderAdapter):
     """
 
     clamp_range = (-1.0, 1.0)
+    # The frames are the decoder's conv_out output, referenced by nothing else:
+    # a fused loss may overwrite them with their gradient.
+    frames_are_private = True
 
     def __init__(self, vae):
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify

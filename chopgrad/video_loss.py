@@ -1,0 +1,131 @@
+"""The per-step loss callback of the engine, normalised so that the sum over
+decoder steps is the loss of the whole decoded video.
+
+Two paths:
+- fused: every term is a built-in pixel loss or SSIM. One value-and-grad
+  kernel pass per step returns the value and d loss / d raw frames (the
+  model's output clamp is applied inside, with torch.clamp's exact gradient);
+  for adapters whose frames are private buffers the gradient overwrites the
+  frames (they are dead after the loss), so no second frame-sized tensor lives.
+- autograd: any term is a user callable; the value keeps its graph (SSIM joins
+  through a surrogate carrying its fused gradient).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import kernels
+from .adapters import DecodePlan, DecoderAdapter
+from .frames import FrameSource
+from .losses import CHARBONNIER_EPS, ELEMENTWISE_LOSSES, HUBER_DELTA, LossTerm
+
+SSIM_WINDOW = 11
+
+
+class VideoLoss:
+    def __init__(self, adapter: DecoderAdapter, plan: DecodePlan, terms: list[LossTerm], target: FrameSource,
+                 mask: Optional[FrameSource], reduction: str, clamp: bool, supervised: list[bool]):
+        self.adapter, self.plan, self.terms = adapter, plan, terms
+        self.target, self.mask = target, mask
+        self.reduction, self.clamp = reduction, clamp
+        if any(t.is_ssim for t in terms):
+            if mask is not None:
+                raise ValueError("mask is not supported with the 'ssim' loss (SSIM windows straddle masked pixels)")
+            if min(plan.height, plan.width) < SSIM_WINDOW:
+                raise ValueError(f"loss: 'ssim' needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
+                                 f"the decoded video is {plan.height}x{plan.width}")
+        self.supervised_frames = sum(f for f, s in zip(plan.frames_per_step, supervised) if s)
+        self.element_denominator = 1.0
+        if reduction == "mean" and any(t.elementwise for t in terms):
+            self.element_denominator = self._element_count(supervised)
+        self.pixel_weights = {t.name: t.weight for t in terms if t.elementwise}
+        self.ssim_weight = sum(t.weight for t in terms if t.is_ssim)
+        self.callables = [t for t in terms if t.is_callable]
+        unit_clamp = clamp and adapter.clamp_range == (-1.0, 1.0)
+        # The fused ops know one clamp, [-1, 1]; other ranges take the autograd path.
+        self.fused = not self.callables and (not clamp or adapter.clamp_range is None or unit_clamp)
+        self.fused_clamp = "pre" if unit_clamp else False
+
+    def _element_count(self, supervised: list[bool]) -> float:
+        b, c, _, h, w = self.plan.video_shape
+        if self.mask is None:
+            return float(b * c * h * w * self.supervised_frames)
+        total = 0.0
+        with torch.no_grad():
+            for g, sup in enumerate(supervised):
+                if sup:
+                    device = self.mask.tensor.device if self.mask.tensor is not None else "cpu"
+                    m = self.mask.get(self.plan.frame_slice(g), like=torch.empty(0, device=device))
+                    total += float(m.float().sum()) * (c if m.shape[1] == 1 else 1)
+        # An all-zero mask supervises nothing: the loss and its gradient are zero.
+        return total if total > 0 else 1.0
+
+    def _ssim_scale(self) -> float:
+        """d loss / d (sum of per-frame SSIM) is minus this."""
+        if self.reduction == "mean":
+            return self.ssim_weight / (self.plan.batch * self.supervised_frames)
+        return self.ssim_weight
+
+    def __call__(self, step: int, raw_frames: torch.Tensor, need_grad: bool):
+        frames = self.plan.frame_slice(step)
+        target = self.target.get(frames, like=raw_frames)
+        mask = None if self.mask is None else self.mask.get(frames, like=raw_frames)
+        if self.fused:
+            return self._fused(raw_frames, target, mask, need_grad)
+        return self._autograd(step, raw_frames, target, mask)
+
+    def _fused(self, raw, target, mask, need_grad):
+        target = target.to(raw.dtype)
+        value = torch.zeros((), device=raw.device, dtype=torch.float32)
+        in_place = need_grad and getattr(self.adapter, "frames_are_private", False) and raw.is_contiguous()
+        ssim_grad = None
+        if self.ssim_weight:
+            scale = self._ssim_scale()
+            if need_grad:
+                # SSIM reads its inputs twice; when a pixel loss follows, it may not overwrite them.
+                out = "inplace" if in_place and not self.pixel_weights else None
+                ssim, ssim_grad = kernels.ssim_value_and_grad(raw, target, clamp=self.fused_clamp, grad_scale=-scale,
+                                                              out_grad=out)
+            else:
+                ssim = kernels.ssim_frames(raw, target, clamp=self.fused_clamp)
+            value = value + scale * (ssim.numel() - ssim.sum())
+        if not self.pixel_weights:
+            return (value, ssim_grad) if need_grad else value
+        options = dict(kind=self.pixel_weights, clamp=self.fused_clamp, delta=HUBER_DELTA, eps=CHARBONNIER_EPS)
+        if not need_grad:
+            sums = kernels.pixel_loss_frames(raw, target, mask, **options)
+            return value + sums.sum() / self.element_denominator
+        sums, grad = kernels.pixel_loss_value_and_grad(raw, target, mask, grad_scale=1.0 / self.element_denominator,
+                                                       out_grad="inplace" if in_place else None, **options)
+        if ssim_grad is not None:
+            grad = grad.add_(ssim_grad)
+        return value + sums.sum() / self.element_denominator, grad
+
+    def _autograd(self, step, raw, target, mask):
+        pred = self.adapter.clamp(raw) if self.clamp else raw
+        total = torch.zeros((), device=pred.device, dtype=torch.float32)
+        if self.pixel_weights:
+            p32, t32 = pred.float(), target.float()
+            per_element = sum(w * ELEMENTWISE_LOSSES[name](p32, t32) for name, w in self.pixel_weights.items())
+            if mask is not None:
+                per_element = per_element * mask.float()
+            total = total + per_element.sum() / self.element_denominator
+        if self.ssim_weight:
+            scale = self._ssim_scale()
+            ssim, grad = kernels.ssim_value_and_grad(pred.detach(), target.to(pred.dtype), grad_scale=-scale)
+            surrogate = (pred * grad).sum().float()  # its gradient w.r.t. pred is the fused SSIM gradient
+            total = total + scale * (ssim.numel() - ssim.sum()) + surrogate - surrogate.detach()
+        if mask is not None:
+            # Unsupervised pixels are replaced by the target: they carry no gradient.
+            m = mask.to(pred.dtype)
+            pred = pred * m + target.to(pred.dtype) * (1 - m)
+        share = self.plan.frames_per_step[step] / self.supervised_frames if self.reduction == "mean" else 1.0
+        for term in self.callables:
+            value = term.fn(pred, target)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise ValueError(f"loss: the callable {getattr(term.fn, '__name__', term.fn)!r} must return a scalar "
+                                 f"tensor, got {type(value).__name__} of shape {getattr(value, 'shape', None)}")
+            total = total + term.weight * share * value.reshape(()).float()
+        return total
