@@ -291,29 +291,32 @@ def _pixel_loss_reference(pred, target, mask, weights, clamp_mode, delta, eps, g
         def _add(a, b):
             return b if a is None else a.add_(b)
 
+        def _w(t, wt):
+            return t if wt == 1.0 else t.mul_(wt)
+
         if "l1" in weights:
             wt = weights["l1"]
-            loss = _add(loss, d.abs() * wt)
+            loss = _add(loss, _w(d.abs(), wt))
             if write_grad:
-                g = _add(g, torch.sign(d) * wt)
+                g = _add(g, _w(torch.sign(d), wt))
         if "mse" in weights:
             wt = weights["mse"]
-            loss = _add(loss, d.square() * wt)
+            loss = _add(loss, _w(d.square(), wt))
             if write_grad:
                 g = _add(g, d * (2.0 * wt))
         if "charbonnier" in weights:
             wt = weights["charbonnier"]
-            r = torch.sqrt(d.square() + float(eps) ** 2)
+            r = d.square().add_(float(eps) ** 2).sqrt_()
             if write_grad:
-                g = _add(g, d / r * wt)
-            loss = _add(loss, r.mul_(wt))
+                g = _add(g, _w(d / r, wt))
+            loss = _add(loss, _w(r, wt))
         if "huber" in weights:
             wt = weights["huber"]
             ad = d.abs()
             hl = torch.where(ad < delta, 0.5 * d.square(), delta * (ad - 0.5 * delta))
-            loss = _add(loss, hl.mul_(wt))
+            loss = _add(loss, _w(hl, wt))
             if write_grad:
-                g = _add(g, d.clamp(-delta, delta) * wt)
+                g = _add(g, _w(d.clamp(-delta, delta), wt))
         if mask is not None:
             mk = mask.to(acc_dtype)
             keep = mk != 0

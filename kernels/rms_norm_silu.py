@@ -57,9 +57,12 @@ def _rms_norm_silu_fwd_kernel(
     C, S, H, W, T0, PH, PW, TX, TN, NX,
     osb, osc, ost, osh, osw,
     scale, eps, bias_scalar,
-    HAS_BIAS: tl.constexpr, EMIT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EMIT: tl.constexpr, LOAD_RSTD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program (b, block of S = T*H*W positions): norm over C, then write y at the strided output.
+
+    ``LOAD_RSTD``: reuse the statistic stored by an earlier forward (backward
+    recomputation) instead of reducing over C again.
 
     Output position of (t, h, w): ``(t + T0, h + PH, w + PW)`` in ``out``'s
     strides; with ``EMIT`` the last ``NX`` frames also go to slots
@@ -70,16 +73,19 @@ def _rms_norm_silu_fwd_kernel(
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     live = offs < S
     xb = x_ptr + b.to(tl.int64) * C * S + offs
-    ss = tl.full([BLOCK], 0.0, tl.float32)
-    p = xb
-    for c in range(C):
-        xv = tl.load(p, mask=live, other=0.0).to(tl.float32)
-        ss += xv * xv
-        p += S
-    nrm = tl.sqrt(ss)
-    clamped = nrm <= eps
-    r = 1.0 / tl.maximum(nrm, eps)
-    tl.store(rstd_ptr + b.to(tl.int64) * S + offs, tl.where(clamped, -r, r), mask=live)
+    if LOAD_RSTD:
+        r = tl.abs(tl.load(rstd_ptr + b.to(tl.int64) * S + offs, mask=live, other=1.0))
+    else:
+        ss = tl.full([BLOCK], 0.0, tl.float32)
+        p = xb
+        for c in range(C):
+            xv = tl.load(p, mask=live, other=0.0).to(tl.float32)
+            ss += xv * xv
+            p += S
+        nrm = tl.sqrt(ss)
+        clamped = nrm <= eps
+        r = 1.0 / tl.maximum(nrm, eps)
+        tl.store(rstd_ptr + b.to(tl.int64) * S + offs, tl.where(clamped, -r, r), mask=live)
     HWp = H * W
     t = offs // HWp
     hw = offs % HWp
@@ -232,16 +238,19 @@ def _prep_params(x: torch.Tensor, gamma: torch.Tensor, bias: BiasSpec):
 # ---------------------------------------------------------------------------
 
 
-def _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, dst, newc, geo, triton_path):
+def _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, dst, newc, geo, triton_path, rstd=None):
     """Write ``silu(norm(x))`` into ``dst``, x-sourced cache frames into ``newc``.
 
     ``dst`` has x's shape (``geo is None``) or is the whole padded tensor of
-    ``geo`` (x's frames go to its interior).  Returns the signed fp32 statistic ``(B, S)``.
+    ``geo`` (x's frames go to its interior).  Returns the signed fp32 statistic ``(B, S)``;
+    when ``rstd`` (a statistic from an earlier call) is given it is reused, not recomputed.
     """
     B, C = x.shape[:2]
     S = x[0, 0].numel()
     if triton_path:
-        rstd = torch.empty((B, S), dtype=torch.float32, device=x.device)
+        load_rstd = rstd is not None
+        if rstd is None:
+            rstd = torch.empty((B, S), dtype=torch.float32, device=x.device)
         if geo is None:
             T0 = PH = PW = 0
             TX, H, W = 1, 1, S
@@ -260,26 +269,30 @@ def _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, dst, newc, geo, tri
             C, S, H, W, T0, PH, PW, TX, TN, NX,
             osb, osc, ost, osh, osw,
             float(scale), float(eps), float(bias_scalar),
-            HAS_BIAS=bias_t is not None, EMIT=emit, BLOCK=blk,
+            HAS_BIAS=bias_t is not None, EMIT=emit, LOAD_RSTD=load_rstd, BLOCK=blk,
         )
         return rstd
     if geo is not None:
         dst = interior(dst, geo)
-    rstd, y = _norm_forward_reference(x, gamma, bias_t, bias_scalar, scale, eps, dst)
+    rstd, y = _norm_forward_reference(x, gamma, bias_t, bias_scalar, scale, eps, dst, rstd)
     if newc is not None and geo is not None and geo.NX:
         newc[:, :, geo.TN - geo.NX:].copy_(y[:, :, geo.TX - geo.NX:])
     return rstd
 
 
-def _norm_forward_reference(x, gamma, bias_t, bias_scalar, scale, eps, dst):
+def _norm_forward_reference(x, gamma, bias_t, bias_scalar, scale, eps, dst, rstd=None):
     """PyTorch forward writing into ``dst``; returns ``(signed stat (B, S), dst)``."""
     B, C = x.shape[:2]
     bshape = (1, C) + (1,) * (x.dim() - 2)
     with torch.no_grad():
         lowp = x.dtype in (torch.float16, torch.bfloat16)
         xf = x.float() if lowp else x
-        nrm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
-        r = 1.0 / nrm.clamp_min(eps)
+        if rstd is not None:
+            r = rstd.reshape((B, 1) + tuple(x.shape[2:])).abs().to(xf.dtype)
+            nrm = None
+        else:
+            nrm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+            r = 1.0 / nrm.clamp_min(eps)
         gs = gamma.reshape(bshape).to(xf.dtype) * scale
         if lowp:
             z = xf * r
@@ -297,6 +310,8 @@ def _norm_forward_reference(x, gamma, bias_t, bias_scalar, scale, eps, dst):
                 dst = z.to(x.dtype)
             else:
                 dst.copy_(z)
+        if nrm is None:
+            return rstd, dst
         signed = torch.where(nrm > eps, r, -r).reshape(B, -1)
         if signed.dtype != torch.float32 and x.dtype != torch.float64:
             signed = signed.float()
@@ -484,7 +499,11 @@ class RMSNormSiLUPadConvFunction(torch.autograd.Function):
             x_pad, newc = causal_pad_forward(x, cache, geo, emit_cache=emit_cache, skip_x=True,
                                              triton_path=triton_path)
             rstd = _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, x_pad, newc, geo, triton_path)
-            out = F.conv3d(x_pad, weight, conv_bias, stride, 0, dilation, groups)
+            # the conv runs in x's dtype even under autocast: backward calls convolution_backward on
+            # the rebuilt input with the saved weight, which needs the dtypes the forward used
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = F.conv3d(x_pad, weight.to(x.dtype), None if conv_bias is None else conv_bias.to(x.dtype),
+                               stride, 0, dilation, groups)
         del x_pad
         used_cache = cache if (cache is not None and geo.TCP > 0) else None
         ctx.save_for_backward(x, gamma, bias_t, rstd, used_cache, weight)
@@ -505,9 +524,10 @@ class RMSNormSiLUPadConvFunction(torch.autograd.Function):
         if gout is not None:
             with torch.no_grad():
                 x_pad, _ = causal_pad_forward(x, cache, geo, emit_cache=False, skip_x=True, triton_path=triton_path)
-                _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, x_pad, None, geo, triton_path)
+                _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, x_pad, None, geo, triton_path, rstd=rstd)
                 g_pad, g_w, g_cb = torch.ops.aten.convolution_backward(
-                    gout, x_pad, weight, [weight.shape[0]] if has_cbias else None, list(stride), [0, 0, 0],
+                    gout.to(x.dtype), x_pad, weight.to(x.dtype), [weight.shape[0]] if has_cbias else None,
+                    list(stride), [0, 0, 0],
                     list(dilation), False, [0, 0, 0], groups,
                     [need_x or need_params or need_cache, need_w, need_cb and has_cbias],
                 )
@@ -523,6 +543,10 @@ class RMSNormSiLUPadConvFunction(torch.autograd.Function):
             _, gc = causal_pad_backward(g_pad, gnew, geo, need_x=False, need_cache=True, triton_path=triton_path,
                                         dtype=x.dtype, device=x.device)
         gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias_t)
+        if g_w is not None:
+            g_w = g_w.to(weight.dtype)
+        if g_cb is not None:
+            g_cb = g_cb.to(weight.dtype)
         return gx, gg, gb, gc, g_w if need_w else None, g_cb if need_cb else None, None, None, None, None, None, None
 
 
