@@ -15,11 +15,12 @@ from .adapters import (
     wrap,
 )
 from .api import decode, pixel_loss
+from .kernels import patch, unpatch
 from .losses import per_frame
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "FunctionalAdapter", "WanAdapter",
-    "decode", "detach_state", "per_frame", "pixel_loss", "wrap",
+    "decode", "detach_state", "patch", "per_frame", "pixel_loss", "unpatch", "wrap",
 ]

@@ -247,3 +247,49 @@ def test_autocast_reaches_decoder_steps(wan):
     assert torch.bfloat16 in seen
     assert float(value) == pytest.approx(float(reference), rel=2e-2)
     assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def autograd_ssim_per_frame(pred, target):
+    """Plain-autograd SSIM (11x11 Gaussian, sigma 1.5, data range 2, valid windows): (B, F)."""
+    b, c, f, h, w = pred.shape
+    x = torch.arange(11, dtype=torch.float64) - 5
+    g1 = torch.exp(-x.square() / (2 * 1.5**2))
+    g1 = (g1 / g1.sum()).float()
+    window = (g1[:, None] * g1[None, :]).expand(c, 1, 11, 11)
+    as_images = lambda v: v.transpose(1, 2).reshape(b * f, c, h, w)
+    p, t = as_images(pred), as_images(target)
+    blur = lambda v: F.conv2d(v, window, groups=c)
+    mu_p, mu_t = blur(p), blur(t)
+    s_pp, s_tt, s_pt = blur(p * p) - mu_p**2, blur(t * t) - mu_t**2, blur(p * t) - mu_p * mu_t
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * s_pt + c2)) / ((mu_p**2 + mu_t**2 + c1) * (s_pp + s_tt + c2))
+    return ssim_map.flatten(1).mean(1).view(b, f)
+
+
+def test_ssim_loss_matches_autograd_ssim(wan):
+    vae, latents, _, target = wan
+    value, grad = full_grad(vae, latents, lambda v: 1 - autograd_ssim_per_frame(v, target).mean())
+    got_value, got_grad = chop_grad(vae, latents, target, loss="ssim", d_trunc=None)
+    assert got_value == pytest.approx(value, rel=1e-4)
+    assert rel_err(got_grad, grad) <= 1e-4
+
+
+def test_ssim_in_a_dict_with_a_callable_uses_the_autograd_path(wan):
+    vae, latents, _, target = wan
+    mean_abs = lambda p, t: (p - t).abs().mean()
+    expected = lambda v: (F.mse_loss(v, target) + 0.3 * (1 - autograd_ssim_per_frame(v, target).mean())
+                          + 0.5 * (v - target).abs().mean())
+    value, grad = full_grad(vae, latents, expected)
+    got_value, got_grad = chop_grad(vae, latents, target, loss={"mse": 1.0, "ssim": 0.3, mean_abs: 0.5},
+                                    d_trunc=None)
+    assert got_value == pytest.approx(value, rel=1e-4)
+    assert rel_err(got_grad, grad) <= 1e-4
+
+
+def test_ssim_rejects_masks_and_tiny_frames(wan):
+    vae, latents, video, target = wan
+    with pytest.raises(ValueError, match="mask"):
+        chopgrad.pixel_loss(vae, latents, target, loss="ssim", mask=torch.ones_like(video[:, :1]))
+    small = latents[:, :, :, :1, :1]
+    with pytest.raises(ValueError, match="ssim"):
+        chopgrad.pixel_loss(vae, small, torch.zeros(1, 3, video.shape[2], 8, 8), loss="ssim")
