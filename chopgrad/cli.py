@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", type=_positive_int, nargs="+", help="square resolutions in pixels (e.g. 64 128)")
     b.add_argument("--d-trunc", dest="d_truncs", type=_nonneg_int, nargs="+", help="truncation distances")
     b.add_argument("--schedules", nargs="+", choices=("sliding", "chunked"), default=["sliding", "chunked"])
-    b.add_argument("--no-baselines", action="store_true", help="skip full backprop and checkpointing")
+    b.add_argument("--baselines", nargs="*", choices=("full", "checkpoint"), default=["full", "checkpoint"],
+                   help="baseline methods (default: full checkpoint; full backprop is the fidelity reference)")
     b.add_argument("--repeats", type=_positive_int, help="timed steps per configuration (median reported)")
     b.add_argument("--warmup", type=_nonneg_int, default=0, help="untimed steps before the measured one")
     b.add_argument("--memory-budget", type=_positive_float, metavar="GB",
@@ -117,7 +118,7 @@ def cmd_bench(parser, args) -> int:
     settings = BenchSettings(
         model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, frames=args.frames,
         sizes=args.sizes, d_truncs=args.d_truncs, schedules=tuple(args.schedules),
-        baselines=() if args.no_baselines else ("full", "checkpoint"), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        baselines=tuple(args.baselines), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
         memory_budget_bytes=int(args.memory_budget * 1e9) if args.memory_budget else None, timeout_s=args.timeout)
     try:
         from chopgrad.bench.bench import check_shapes

@@ -160,6 +160,18 @@ def _fidelity(grad: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return cos, rel
 
 
+def _check_same_loss(row: dict, ref_loss: float, rtol: float = 1e-3) -> None:
+    """Every method computes the same loss value; a mismatch means the fidelity is not comparable
+    (e.g. the model's weights changed on disk during the run), so it is flagged, not hidden."""
+    loss = row.get("loss")
+    if loss is None or ref_loss is None or abs(loss - ref_loss) <= rtol * max(abs(ref_loss), 1e-12):
+        return
+    row["detail"] = (row["detail"] + "; " if row["detail"] else "") + \
+        f"loss {loss:.6g} differs from full backprop's {ref_loss:.6g}: fidelity not comparable"
+    row["cosine"] = row["rel_error"] = None
+    print(f"warning: {row['label']} at {row['frames']} frames: {row['detail']}", file=sys.stderr)
+
+
 def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> list[dict]:
     """Runs every (size, frames, method) configuration; returns one row dict per configuration."""
     from tqdm import tqdm
@@ -178,7 +190,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                                                   encode=is_trained(settings.model))
                     inputs = os.path.join(tmp, f"inputs_{size}_{frames}.pt")
                     torch.save({"latents": latents, "target": target}, inputs)
-                    ref_grad = None
+                    ref_grad = ref_loss = None
                     for i, (method, d, schedule) in enumerate(methods):
                         label = method_label(method, d, schedule)
                         bar.set_description(f"{size}x{size} {frames:>3d}f {label}")
@@ -200,9 +212,10 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                                 grad = torch.load(grad_path)
                                 os.remove(grad_path)
                                 if method == "full":
-                                    ref_grad = grad
+                                    ref_grad, ref_loss = grad, row["loss"]
                                 if ref_grad is not None:
                                     row["cosine"], row["rel_error"] = _fidelity(grad, ref_grad)
+                                    _check_same_loss(row, ref_loss)
                         rows.append(row)
                         if log is not None:
                             log(row)
