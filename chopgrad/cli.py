@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-distance", type=_nonneg_int, help="largest distance measured (default: all)")
     p.add_argument("--max-d-trunc", type=_nonneg_int, default=4, help="fidelity for d_trunc 0..N (default: 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: the cores not busy with other "
+                                                         "processes, from the load average)")
     p.add_argument("--out", default="probe_out", help="output folder (default: probe_out/)")
     p.set_defaults(func=cmd_probe)
 
@@ -142,11 +144,12 @@ def cmd_bench(parser, args) -> int:
 def cmd_probe(parser, args) -> int:
     import torch
 
-    from chopgrad.bench.bench import check_shapes, is_trained
+    from chopgrad.bench.bench import check_shapes, default_threads, is_trained
     from chopgrad.bench.workloads import DTYPES, load_model, make_inputs
     from chopgrad.probe import plot_probe, probe_locality
 
     _check_device(parser, args)
+    torch.set_num_threads(args.threads or default_threads())
     vae = load_model(args.model)
     try:
         check_shapes(vae, [args.frames], [args.size])

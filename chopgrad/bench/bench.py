@@ -262,11 +262,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_description(settings: BenchSettings) -> dict:
     if settings.device.startswith("cuda") and torch.cuda.is_available():
         dev = torch.cuda.get_device_name(torch.device(settings.device))
     else:
-        dev = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+        dev = f"{_cpu_name()}, {os.cpu_count()} CPU cores"
     return {"device": dev, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "threads_per_worker": settings.threads, "model": settings.model, "dtype": settings.dtype,
             "memory_budget_gib": round(settings.memory_budget_bytes / 2**30, 3),
@@ -333,13 +344,12 @@ def plot_results(rows: list[dict], out_dir: str) -> dict:
         for schedule in ("sliding", "chunked"):
             cand = [r for r in rows if r["size"] == size and r["method"] == "pixel_loss" and r["cosine"] is not None
                     and (r["schedule"] == schedule or r["d_trunc"] == 0)]
-            if not cand:
-                continue
-            frames = max(r["frames"] for r in cand)
-            pts = sorted((r["d_trunc"], r["cosine"], r["rel_error"]) for r in cand if r["frames"] == frames)
-            name = f"{schedule}, {size}x{size}, {frames} frames"
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            axes[1].semilogy([p[0] for p in pts], [max(p[2], 1e-12) for p in pts], marker="o", label=name)
+            for frames in sorted({r["frames"] for r in cand}):
+                pts = sorted((r["d_trunc"], r["cosine"], r["rel_error"]) for r in cand if r["frames"] == frames)
+                name = f"{schedule}, {size}x{size}, {frames} frames"
+                style = "-" if schedule == "sliding" else "--"
+                axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+                axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=name)
     axes[0].set_ylabel("cosine similarity to full backprop")
     axes[1].set_ylabel("relative error vs full backprop")
     for ax in axes:
