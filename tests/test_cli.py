@@ -125,3 +125,31 @@ def test_default_model_loads_for_bench():
     assert type(vae).__name__ == "AutoencoderKLWan" and vae.config.z_dim == 32
     check_shapes(vae, [17, 129], [32, 64, 128])
     assert latent_shape(vae, 129, 64, 64) == (1, 32, 33, 8, 8)
+
+
+def _row(frames, method, d=None, schedule="sliding", status="ok", peak=100, time_s=1.0, loss=0.5):
+    from chopgrad.bench.methods import method_label
+
+    return dict(size=32, frames=frames, method=method, d_trunc=d, schedule=schedule,
+                label=method_label(method, d, schedule), status=status, detail="", loss=loss,
+                peak_bytes=peak * 2**20 if status == "ok" else None, time_s=time_s if status == "ok" else None,
+                frames_per_s=frames / time_s if status == "ok" else None, cosine=None, rel_error=None)
+
+
+def test_table_bars_and_loss_guard(capsys):
+    from chopgrad.bench.bench import _check_same_loss, check_bars, format_table
+
+    rows = [_row(17, "full", peak=70), _row(17, "pixel_loss", 1, peak=58), _row(17, "pixel_loss", 1, "chunked"),
+            _row(129, "full", status="oom"), _row(129, "checkpoint", peak=97, time_s=2.0),
+            _row(129, "pixel_loss", 1, peak=59), _row(129, "pixel_loss", 1, "chunked", time_s=0.9)]
+    table = format_table(rows)
+    assert "| 32x32 | 129 | full backprop | OOM | - |" in table
+    assert "| 32x32 | 17 | chopgrad sliding d=1 | 58.0 | 0.83x |" in table
+    bars = {name: passed for name, passed, _ in check_bars(rows)}
+    assert bars["sliding d=1 peak at 129 / at 17 frames <= 1.15"] is True
+    assert not any("peak / full backprop peak" in name for name in bars)  # full backprop OOM: not evaluated
+    assert bars["correct checkpointing reported"] is True
+    row = dict(_row(17, "pixel_loss", 1, loss=0.25), cosine=0.9, rel_error=0.1)
+    _check_same_loss(row, 0.5)
+    assert row["cosine"] is None and "differs from full backprop" in row["detail"]
+    assert "warning" in capsys.readouterr().err
