@@ -260,24 +260,39 @@ def _ssim_triton(pred, target, clamp_mode, data_range, grad_scale, out, write_gr
 # ---------------------------------------------------------------------------
 
 
+def _filter_valid(t: torch.Tensor, taps: list) -> torch.Tensor:
+    """Separable "valid" filtering of the last two dims by shifted multiply-adds.
+
+    On CPU this is several times faster than a grouped ``conv2d`` with 1-D
+    kernels for these shapes, and exact to fp32 rounding.
+    """
+    k = len(taps)
+    wv = t.shape[-1] - k + 1
+    h = t[..., 0:wv] * taps[0]
+    for j in range(1, k):
+        h.add_(t[..., j:j + wv], alpha=taps[j])
+    hv = t.shape[-2] - k + 1
+    out = h[..., 0:hv, :] * taps[0]
+    for j in range(1, k):
+        out.add_(h[..., j:j + hv, :], alpha=taps[j])
+    return out
+
+
 def _planes(t: torch.Tensor, dtype) -> torch.Tensor:
     B, C, Fr, H, W = t.shape
     return t.to(dtype).permute(0, 2, 1, 3, 4).reshape(B * Fr * C, 1, H, W)
 
 
 def _ssim_reference(pred, target, clamp_mode, data_range, grad_scale, out, write_grad=True):
-    """PyTorch implementation of the kernels (separable conv2d), fp32 (fp64 for fp64 input), no graph."""
+    """PyTorch implementation of the kernels (separable shifted sums), fp32 (fp64 for fp64 input), no graph."""
     B, C, Fr, H, W = pred.shape
     dt = torch.float64 if pred.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         xr = _planes(pred, dt)
         x = xr.clamp(-1.0, 1.0) if clamp_mode == 2 else xr
         y = _planes(target, dt)
-        g1 = gaussian_window(dtype=dt, device=pred.device)
-        wh5 = g1.view(1, 1, 1, -1).repeat(5, 1, 1, 1)
-        wv5 = g1.view(1, 1, -1, 1).repeat(5, 1, 1, 1)
-        mom = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-        mom = F.conv2d(F.conv2d(mom, wh5, groups=5), wv5, groups=5)
+        g1 = gaussian_window(dtype=dt, device=pred.device).tolist()
+        mom = _filter_valid(torch.cat([x, y, x * x, y * y, x * y], dim=1), g1)
         mx, my, mxx, myy, mxy = mom.unbind(1)
         del mom
         c1 = (K1 * data_range) ** 2
@@ -300,12 +315,9 @@ def _ssim_reference(pred, target, clamp_mode, data_range, grad_scale, out, write
             abc = abc * grad_scale.to(dt).reshape(B * Fr, 1).repeat_interleave(C, 0)[:, :, None, None]
         elif grad_scale != 1.0:
             abc = abc * grad_scale
-        wh3 = g1.view(1, 1, 1, -1).repeat(3, 1, 1, 1)
-        wv3 = g1.view(1, 1, -1, 1).repeat(3, 1, 1, 1)
-        # G^T of a "valid" correlation = "full" correlation with the flipped window; the window is
-        # symmetric, so a zero-padded conv2d (faster than conv_transpose2d on CPU)
+        # G^T of a "valid" correlation = "full" correlation with the flipped (here: same, symmetric) window
         k = WIN_SIZE - 1
-        full = F.conv2d(F.conv2d(abc, wv3, padding=(k, 0), groups=3), wh3, padding=(0, k), groups=3)
+        full = _filter_valid(F.pad(abc, (k, k, k, k)), g1)
         g = full[:, 0:1] + 2 * x * full[:, 1:2] + y * full[:, 2:3]
         if clamp_mode == 2:
             g = torch.where((xr >= -1) & (xr <= 1), g, 0.0)
