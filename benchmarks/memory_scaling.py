@@ -19,6 +19,7 @@ import tempfile
 import torch
 
 from chopgrad.bench import run_isolated
+from chopgrad.bench.bench import default_threads
 from chopgrad.bench.methods import method_label
 from chopgrad.bench.workloads import load_model, make_inputs
 
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write raw measurements here")
     args = parser.parse_args(argv)
 
+    # Oversubscribed OpenMP threads spin-wait on a busy machine; workers inherit this.
+    os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))
     vae = load_model("tiny-wan21")
     rows, raw = {}, []
     with tempfile.TemporaryDirectory() as tmp:

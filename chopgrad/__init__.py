@@ -17,10 +17,12 @@ from .adapters import (
 from .api import decode, pixel_loss
 from .kernels import patch, unpatch
 from .losses import per_frame
+from .probe import ProbeResult, probe_locality
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "FunctionalAdapter", "WanAdapter",
-    "decode", "detach_state", "patch", "per_frame", "pixel_loss", "unpatch", "wrap",
+    "ProbeResult", "decode", "detach_state", "patch", "per_frame", "pixel_loss", "probe_locality", "unpatch",
+    "wrap",
 ]
