@@ -213,40 +213,47 @@ def memory(fn, d) -> dict:
     return dict(saved_new_bytes=saved_bytes, saved_input_bytes=saved_input_bytes, peak_bytes=peak)
 
 
-def timings(fn, d, repeats: int) -> dict:
-    res = {"forward": [], "backward": [], "both": []}
-    for _ in range(repeats):
-        _sync()
-        t0 = time.perf_counter()
-        outs = run_forward(fn, d)
-        _sync()
-        t1 = time.perf_counter()
-        run_backward(outs, [torch.ones_like(o) for o in outs])
-        _sync()
-        t2 = time.perf_counter()
-        del outs
-        run_both(fn, d)
-        _sync()
-        t3 = time.perf_counter()
-        res["forward"].append(t1 - t0)
-        res["backward"].append(t2 - t1)
-        res["both"].append(t3 - t2)
-        for v in _leaves(d):
-            v.grad = None
-    return {k: statistics.median(v) for k, v in res.items()}
+def _time_once(fn, d) -> dict:
+    _sync()
+    t0 = time.perf_counter()
+    outs = run_forward(fn, d)
+    _sync()
+    t1 = time.perf_counter()
+    run_backward(outs, [torch.ones_like(o) for o in outs])
+    _sync()
+    t2 = time.perf_counter()
+    del outs
+    run_both(fn, d)
+    _sync()
+    t3 = time.perf_counter()
+    for v in _leaves(d):
+        v.grad = None
+    return {"forward": t1 - t0, "backward": t2 - t1, "both": t3 - t2}
 
 
 def measure_all(repeats: int = 5) -> list[dict]:
+    """Memory per impl, then ``repeats`` timings interleaved eager/fused; the minimum is reported
+    (on a shared machine the least disturbed run), the medians are kept in the JSON."""
     rows = []
     for name, (make, fused, eager) in CASES.items():
         d = make()
         row = {"case": name, "device": DEVICE, "backend": K.fused_ops_available(DEVICE)["pixel_losses"],
                "shape": list(next(iter(d.values())).shape)}
-        for impl, fn in (("eager", eager), ("fused", fused)):
+        impls = (("eager", eager), ("fused", fused))
+        samples = {impl: [] for impl, _ in impls}
+        for impl, fn in impls:
             run_both(fn, d)  # warm-up
             for v in _leaves(d):
                 v.grad = None
-            row[impl] = {**memory(fn, d), **timings(fn, d, repeats)}
+            row[impl] = memory(fn, d)
+        for _ in range(repeats):
+            for impl, fn in impls:
+                samples[impl].append(_time_once(fn, d))
+        for impl, _ in impls:
+            for mode in ("forward", "backward", "both"):
+                ts = [s_[mode] for s_ in samples[impl]]
+                row[impl][mode] = min(ts)
+                row[impl][mode + "_median"] = statistics.median(ts)
         rows.append(row)
     return rows
 
@@ -254,7 +261,8 @@ def measure_all(repeats: int = 5) -> list[dict]:
 def table(rows) -> str:
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-    out = ["| case | shape | impl | saved MiB | peak MiB | fwd ms | bwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| case | shape | impl | saved MiB | peak MiB | fwd ms | bwd ms | fwd+bwd ms |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for impl in ("eager", "fused"):
             m = r[impl]
@@ -273,7 +281,7 @@ def main(argv=None) -> int:
         return 2
     rows = measure_all(args.repeats)
     print(f"torch {torch.__version__}, device {DEVICE}, threads {torch.get_num_threads()}; "
-          "saved = bytes newly kept for backward (inputs excluded)")
+          "saved = bytes newly kept for backward (inputs excluded); times = min over interleaved repeats")
     print(table(rows))
     if args.json:
         p = Path(args.json)
