@@ -50,12 +50,13 @@ def _instance_attrs(vae):
     return {(n, k) for n, m in vae.named_modules() for k in m.__dict__ if k in ("forward", "_chopgrad_patch")}
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep-conv-input"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_decode_values_and_gradients_match(name):
+def test_decode_values_and_gradients_match(name, recompute):
     vae = make_vae(name)
     z = latents()
     ref_out, ref_grads = decode_and_grads(vae, z)
-    patch(vae)
+    patch(vae, recompute_conv_input=recompute)
     assert is_patched(vae)
     names = patched_modules(vae)
     assert "<decoder>" in names and any("resnets" in n for n in names)
