@@ -58,6 +58,7 @@ __all__ = [
     "ENV_FORCE_TRITON", "HAS_TRITON", "LOSS_KINDS", "OPS",
     "causal_pad", "causal_pad_reference", "force_mode", "fused_ops_available", "fused_pixel_loss", "fused_ssim",
     "interpreter_ready", "is_patched", "patch", "pixel_loss_frames", "pixel_loss_value_and_grad",
-    "rms_norm_silu", "rms_norm_silu_pad", "rms_norm_silu_pad_conv3d", "rms_norm_silu_reference", "ssim_frames", "ssim_value_and_grad",
+    "rms_norm_silu", "rms_norm_silu_pad", "rms_norm_silu_pad_conv3d", "rms_norm_silu_reference",
+    "ssim_frames", "ssim_value_and_grad",
     "unpatch",
 ]

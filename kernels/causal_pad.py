@@ -98,7 +98,8 @@ def make_geometry(x: torch.Tensor, cache: torch.Tensor | None, time_pad: int, ph
         check_float_tensor("cache", cache, ndim=5, shape_hint="(B, C, Tc, H, W)")
         if (cache.shape[0], cache.shape[1], cache.shape[3], cache.shape[4]) != (B, C, H, W):
             raise ValueError(
-                f"cache must have shape (B, C, Tc, H, W) = ({B}, {C}, Tc, {H}, {W}) to match x, got {tuple(cache.shape)}"
+                f"cache must have shape (B, C, Tc, H, W) = ({B}, {C}, Tc, {H}, {W}) to match x, "
+                f"got {tuple(cache.shape)}"
             )
         if cache.dtype != x.dtype:
             raise TypeError(f"cache must have the dtype of x ({x.dtype}), got {cache.dtype}")

@@ -63,7 +63,8 @@ def _wan_classes():
 
 def _plain(module: nn.Module) -> bool:
     """No instance-level forward (e.g. an accelerate hook; our own patch is fine) and no forward hooks."""
-    return (("forward" not in module.__dict__ or _MARK in module.__dict__) and not module._forward_hooks and not module._forward_pre_hooks
+    own_forward = "forward" not in module.__dict__ or _MARK in module.__dict__
+    return (own_forward and not module._forward_hooks and not module._forward_pre_hooks
             and not getattr(module, "_forward_hooks_with_kwargs", None))
 
 

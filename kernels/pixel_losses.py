@@ -440,7 +440,8 @@ class PixelLossFunction(torch.autograd.Function):
     def forward(ctx, pred, target, mask, kind, clamp, delta, eps):
         if target.requires_grad:
             raise ValueError("fused_pixel_loss treats target as a constant; detach target first")
-        sums, grad = pixel_loss_value_and_grad(pred.detach(), target, mask, kind=kind, clamp=clamp, delta=delta, eps=eps)
+        sums, grad = pixel_loss_value_and_grad(pred.detach(), target, mask, kind=kind, clamp=clamp, delta=delta,
+                                               eps=eps)
         ctx.save_for_backward(grad)
         return sums
 

@@ -196,7 +196,8 @@ def test_float64_reference():
     "make, exc, match",
     [
         (lambda p, t, m: dict(pred=p, target=t[:, :, :2]), ValueError, "target must have the shape"),
-        (lambda p, t, m: dict(pred=p.to(torch.int32), target=t.to(torch.int32)), TypeError, "pred must have a floating"),
+        (lambda p, t, m: dict(pred=p.to(torch.int32), target=t.to(torch.int32)), TypeError,
+         "pred must have a floating"),
         (lambda p, t, m: dict(pred=p, target=t.double()), TypeError, "target must have the dtype"),
         (lambda p, t, m: dict(pred=p[0], target=t[0]), ValueError, r"pred must be a 5-d tensor"),
         (lambda p, t, m: dict(pred=p, target=t, mask=m[:, :, :2]), ValueError, r"mask must have shape \(B, 1 or C"),
