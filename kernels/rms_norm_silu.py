@@ -416,6 +416,21 @@ def _param_grads(ctx, dgamma, dbias, gamma, bias_t):
     return gg, gb
 
 
+def _grads_through_norm_pad(ctx, x, gamma, bias_t, rstd, g_pad, gnew, geo, bias_scalar, scale, triton_path,
+                            need_x, need_params, need_cache):
+    """Gradients of x, gamma, bias and the cache from the padded input's (and next cache's) gradient."""
+    gx = dgamma = dbias = None
+    if need_x or need_params:
+        gx, dgamma, dbias = _norm_backward(x, gamma, bias_t, bias_scalar, scale, rstd, g_pad, gnew, geo,
+                                           need_x, need_params, triton_path)
+    gc = None
+    if need_cache:
+        _, gc = causal_pad_backward(g_pad, gnew, geo, need_x=False, need_cache=True, triton_path=triton_path,
+                                    dtype=x.dtype, device=x.device)
+    gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias_t)
+    return gx, gg, gb, gc
+
+
 class RMSNormSiLUFunction(torch.autograd.Function):
     """``silu(rms_norm(x))``; saves ``x`` and a ``(B, S)`` fp32 statistic."""
 
@@ -468,15 +483,8 @@ class RMSNormSiLUPadFunction(torch.autograd.Function):
         need_cache = ctx.needs_input_grad[3]
         if gout is None:
             gout = torch.zeros(geo.padded_shape(), dtype=x.dtype, device=x.device)
-        gx = dgamma = dbias = None
-        if need_x or need_params:
-            gx, dgamma, dbias = _norm_backward(x, gamma, bias_t, bias_scalar, scale, rstd, gout, gnew, geo,
-                                               need_x, need_params, triton_path)
-        gc = None
-        if need_cache:
-            _, gc = causal_pad_backward(gout, gnew, geo, need_x=False, need_cache=True, triton_path=triton_path,
-                                        dtype=x.dtype, device=x.device)
-        gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias_t)
+        gx, gg, gb, gc = _grads_through_norm_pad(ctx, x, gamma, bias_t, rstd, gout, gnew, geo, bias_scalar, scale,
+                                                 triton_path, need_x, need_params, need_cache)
         return gx, gg, gb, gc, None, None, None, None, None
 
 
@@ -534,15 +542,8 @@ class RMSNormSiLUPadConvFunction(torch.autograd.Function):
             del x_pad
         if g_pad is None:
             g_pad = torch.zeros(geo.padded_shape(), dtype=x.dtype, device=x.device)
-        gx = dgamma = dbias = None
-        if need_x or need_params:
-            gx, dgamma, dbias = _norm_backward(x, gamma, bias_t, bias_scalar, scale, rstd, g_pad, gnew, geo,
-                                               need_x, need_params, triton_path)
-        gc = None
-        if need_cache:
-            _, gc = causal_pad_backward(g_pad, gnew, geo, need_x=False, need_cache=True, triton_path=triton_path,
-                                        dtype=x.dtype, device=x.device)
-        gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias_t)
+        gx, gg, gb, gc = _grads_through_norm_pad(ctx, x, gamma, bias_t, rstd, g_pad, gnew, geo, bias_scalar, scale,
+                                                 triton_path, need_x, need_params, need_cache)
         if g_w is not None:
             g_w = g_w.to(weight.dtype)
         if g_cb is not None:
