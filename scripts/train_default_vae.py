@@ -5,15 +5,26 @@ Deterministic: every random choice (model init, training clips, crops) is a
 function of ``--seed`` and the step index; ``torch.use_deterministic_algorithms``
 is on; run with the same ``--threads`` to reproduce bit-for-bit.
 
-Recipe (the defaults; the shipped ``chopgrad/models/default_vae.safetensors``
-is ``--steps 1400 --stop-at 900``: CPU time ran out, see benchmarks/RESULTS.md):
+Recipe (the defaults describe stage 1). The shipped
+``chopgrad/models/default_vae.safetensors`` comes from two runs on this
+machine (1 thread each, see benchmarks/RESULTS.md "Default model")::
+
+    # stage 1: 900 steps of a 1400-step schedule (lr 2e-3), fresh init
+    python scripts/train_default_vae.py --steps 1400 --stop-at 900 --threads 1 --out /tmp/stage1
+    # stage 2: 2600 steps from stage 1's weights, lr 3e-4, last 10% at full 64x64
+    python scripts/train_default_vae.py --init-from /tmp/stage1 --steps 2600 --lr 3e-4 \
+        --warmup 50 --phase1-frac 0.9 --eval-every 500 --threads 1 --out chopgrad/models
+
+Run both with ``OMP_NUM_THREADS=1`` (on a busy machine OpenMP spin-waiting
+can make a step 50x slower with more threads).
 
 * model: ``diffusers.AutoencoderKLWan`` (Wan 2.1 layout: causal 3D convs,
   4x temporal / 8x spatial compression) with reduced widths, see ``CONFIG``;
 * data: ``chopgrad.data.synthetic.make_video`` with training seeds
   ``< 10_000_000``; held-out seeds start at ``10_000_000``;
-* phase 1 (first ``--phase1-frac`` of the steps): batches of 4 clips of 9
-  frames generated at 64x64 and randomly cropped to 32x32;
+* phase 1 (first ``--phase1-frac`` of the steps): batches of ``--batch`` (4)
+  clips of ``--frames`` (9) frames generated at 64x64 and randomly cropped to
+  ``--crop`` (32) pixels;
 * phase 2: batches of 2 full 64x64 clips of 9 frames (every 4th step one
   17-frame clip);
 * loss: MSE between the decoded clip and the input, with the encoder's
@@ -22,13 +33,17 @@ is ``--steps 1400 --stop-at 900``: CPU time ran out, see benchmarks/RESULTS.md):
 * init: the encoder's ``quant_conv`` is scaled by ``LATENT_INIT_GAIN`` so the
   initial latents have about unit std (otherwise the encoder's gradient
   collapses early and training stalls); the decoder's ``conv_out`` starts at
-  zero;
+  zero (``--zero-residual`` also zero-inits every residual block's last conv
+  and attention output projection; not used for the shipped weights);
+  ``--init-from DIR`` instead starts from ``DIR/default_vae.safetensors``
+  (fresh Adam state, schedule from step 0);
 * 1400 Adam steps (lr 2e-3, betas 0.9/0.99), 100 warm-up steps, cosine decay
   to 2%, gradient clipping at 1.0.
 
 Usage::
 
     python scripts/train_default_vae.py --steps 1400 --threads 1 --out chopgrad/models
+    python scripts/train_default_vae.py --eval-only chopgrad/models   # held-out PSNR
 """
 
 from __future__ import annotations
@@ -95,17 +110,21 @@ def evaluate(vae, n: int, frames: int, size: int) -> list[float]:
     return out
 
 
-def train_batch(step: int, total: int, seed: int, phase1_frac: float) -> torch.Tensor:
+def train_batch(
+    step: int, total: int, seed: int, phase1_frac: float, batch: int = 4, frames: int = 9, crop: int = 32
+) -> torch.Tensor:
     base = seed * 100_000_000 + step * 8  # training seeds stay below HELDOUT_SEED0 for seed=0
     if seed == 0:
         base = step * 8
     g = torch.Generator().manual_seed(seed * 7919 + step)
     if step < int(phase1_frac * total):
         clips = []
-        for i in range(4):
-            v = syn.make_video(base + i, 9, 64, 64)
-            oy, ox = (int(a) for a in torch.randint(0, 33, (2,), generator=g))
-            clips.append(v[:, :, oy : oy + 32, ox : ox + 32])
+        for i in range(batch):
+            # clip seeds: base + i for i < 8, then continue past the next step's range
+            cs = base + i if i < 8 else HELDOUT_SEED0 // 2 + step * batch + i
+            v = syn.make_video(cs, frames, 64, 64)
+            oy, ox = (int(a) for a in torch.randint(0, 64 - crop + 1, (2,), generator=g))
+            clips.append(v[:, :, oy : oy + crop, ox : ox + crop])
         return torch.stack(clips)
     if step % 4 == 3:
         return syn.make_video(base, 17, 64, 64).unsqueeze(0)
@@ -149,6 +168,20 @@ def main(argv=None):
     p.add_argument("--phase1-frac", type=float, default=0.7)
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--eval-clips", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4, help="phase-1 batch size (clips)")
+    p.add_argument("--frames", type=int, default=9, help="phase-1 frames per clip")
+    p.add_argument("--crop", type=int, default=32, help="phase-1 crop size (of 64x64 clips)")
+    p.add_argument(
+        "--zero-residual",
+        action="store_true",
+        help="zero-init the last conv of every residual block and every attention output projection",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from DIR/default_vae.safetensors instead of the fresh init (the step counter "
+        "and lr schedule start at 0; optimizer state is fresh)",
+    )
     p.add_argument(
         "--stop-at",
         type=int,
@@ -187,6 +220,24 @@ def main(argv=None):
         # decoder into a "predict grey" state that ignores the latents.
         vae.decoder.conv_out.weight.zero_()
         vae.decoder.conv_out.bias.zero_()
+        if args.zero_residual:
+            # Start every residual block and attention block as the identity
+            # (zero-init of its last conv / output projection): a much
+            # shallower effective network at first, which trains faster.
+            from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResidualBlock
+
+            for m in vae.modules():
+                if isinstance(m, WanResidualBlock):
+                    m.conv2.weight.zero_()
+                    m.conv2.bias.zero_()
+                elif isinstance(m, WanAttentionBlock):
+                    m.proj.weight.zero_()
+                    m.proj.bias.zero_()
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(os.path.join(args.init_from, "default_vae.safetensors")), strict=True)
+        print(f"initialised from {args.init_from}", flush=True)
     nparam = sum(p.numel() for p in vae.parameters())
     print(f"params: {nparam} ({nparam * 4 / 2**20:.2f} MiB fp32)", flush=True)
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr, betas=(0.9, 0.99))
@@ -205,17 +256,19 @@ def main(argv=None):
     for step in range(last):
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step)
-        x = train_batch(step, args.steps, args.seed, args.phase1_frac)
+        x = train_batch(step, args.steps, args.seed, args.phase1_frac, args.batch, args.frames, args.crop)
         mu = vae.encode(x).latent_dist.mode()
         rec = vae.decode(mu).sample
-        loss = F.mse_loss(rec, x) + 1e-5 * mu.pow(2).mean()
+        mse = F.mse_loss(rec, x)
+        loss = mse + 1e-5 * mu.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        run_loss = mse.item() if run_loss is None else 0.98 * run_loss + 0.02 * mse.item()
         if step % 50 == 0:
-            print(f"step {step} loss {run_loss:.4f} lr {lr_at(step):.2e} t {time.time() - t0:.0f}s", flush=True)
+            tp = 10 * math.log10(4.0 / run_loss)
+            print(f"step {step} mse {run_loss:.4f} ({tp:.2f} dB) lr {lr_at(step):.2e} t {time.time() - t0:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 and step + 1 < last:
             ps = evaluate(vae, 4, 17, 64)
             print(f"step {step + 1} heldout PSNR(4x17x64x64) {sum(ps) / len(ps):.2f} dB", flush=True)
