@@ -12,25 +12,26 @@ It exists so chopgrad's gradient probes and benchmarks run on a decoder with
 the temporal locality of a *trained* Wan decoder (a random decoder's gradient
 through the cache is not representative) while staying cheap on a CPU.
 
-Training recipe (``scripts/train_default_vae.py``, deterministic, defaults):
-procedural clips from :mod:`chopgrad.data.synthetic` (textured panning
-background, moving occluding textured shapes, brightness changes); Adam
-(lr 2e-3, warm-up + cosine over a 1400-step schedule, cut at step 900 for lack
-of CPU time: ``--steps 1400 --stop-at 900``), all 900 steps on batches of 4
-random 32x32 crops of 9-frame 64x64 clips (the schedule's full-size phase,
-from step 980, was never reached); loss
-MSE on the reconstruction through the posterior mode (deterministic latents)
-plus a 1e-5 latent L2 penalty; encoder output projection initialised for
-unit-std latents and decoder ``conv_out`` initialised at zero (both avoid an
-early collapse where the decoder ignores the latents).
+Training recipe (``scripts/train_default_vae.py``, deterministic, three
+runs, the exact commands are in that script's docstring): procedural clips from
+:mod:`chopgrad.data.synthetic` (textured panning background, moving occluding
+textured shapes, brightness changes); loss MSE on the reconstruction through
+the posterior mode (deterministic latents) plus a 1e-5 latent L2 penalty; Adam
+with warm-up + cosine; encoder output projection initialised for unit-std
+latents and decoder ``conv_out`` at zero (both avoid an early collapse where
+the decoder ignores the latents). Stage 1: 900 steps (lr 2e-3) on batches of
+4 random 32x32 crops of 9-frame clips; stage 2: 1500 more steps like that at
+lr 3e-4; stage 3: 900 steps (lr 2e-4) on batches of 2 random 32x32 crops of
+17-frame clips (9-frame training alone does not carry over to longer clips).
+3300 steps in all, about 35 min on one CPU thread.
 
 Held-out reconstruction PSNR (seeds >= 10_000_000, 17 frames, 8 clips) is
-only about 15 dB at 64x64 (14.7 dB at 128x128): the model is undertrained
-(the 30 dB goal of issue 4 is not met yet) and reconstructs coarse layout,
-colours and motion, blurred. Its decoder does show the temporal locality of a
-trained decoder (a latent perturbation's effect decays over later groups,
-whereas it grows with random weights). See ``benchmarks/RESULTS.md`` ("Default model") and
-:data:`DEFAULT_VAE_PSNR`.
+18.4 dB at 64x64 (18.1 dB at 128x128): still undertrained (the 30 dB goal of
+issue 4 is not met) -- it reconstructs layout, colours and motion, blurred,
+without fine texture. Its decoder shows the temporal locality of a trained
+decoder (a latent perturbation's effect decays over later groups, whereas it
+grows with random weights). See ``benchmarks/RESULTS.md`` ("Default model")
+and :data:`DEFAULT_VAE_PSNR`.
 
 Usage::
 
@@ -70,7 +71,7 @@ with open(DEFAULT_VAE_CONFIG_PATH) as _f:
 
 #: measured held-out reconstruction PSNR in dB (mean over 8 clips of 17 frames,
 #: held-out seeds 10_000_000..10_000_007), by clip size
-DEFAULT_VAE_PSNR: dict = {"17x64x64": 15.16, "17x128x128": 14.72}
+DEFAULT_VAE_PSNR: dict = {"17x64x64": 18.44, "17x128x128": 18.11}
 
 
 def default_vae(device="cpu", dtype=None):
