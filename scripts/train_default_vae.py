@@ -6,7 +6,7 @@ function of ``--seed`` and the step index; ``torch.use_deterministic_algorithms`
 is on; run with the same ``--threads`` to reproduce bit-for-bit.
 
 Recipe (the defaults describe stage 1). The shipped
-``chopgrad/models/default_vae.safetensors`` comes from three runs on this
+``chopgrad/models/default_vae.safetensors`` comes from four runs on this
 machine (1 thread each, see benchmarks/RESULTS.md "Default model")::
 
     # stage 1 (= the weights shipped before, git 9106b3a): 900 steps of a 1400-step
@@ -18,19 +18,26 @@ machine (1 thread each, see benchmarks/RESULTS.md "Default model")::
     # stage 3: 900 steps from stage 2 on 2 x 17-frame 32x32 crops, lr 2e-4
     python scripts/train_default_vae.py --init-from /tmp/stage2 --steps 900 --lr 2e-4 --warmup 20 \
         --phase1-frac 1.0 --batch 2 --frames 17 --crop 32 --eval-every 300 --threads 1 \
+        --out /tmp/stage3
+    # stage 4: 800 more such steps on new clips (--seed 1: clip seeds
+    # 100_000_000 + 8 * step + i, disjoint from the held-out 10_000_000..+7)
+    python scripts/train_default_vae.py --init-from /tmp/stage3 --steps 800 --lr 2e-4 --warmup 20 \
+        --phase1-frac 1.0 --batch 2 --frames 17 --crop 32 --eval-every 400 --threads 1 --seed 1 \
         --out chopgrad/models
 
 Training only on 9-frame clips (3 latent frames) does not carry over to
 longer clips: stage 2 reached 18.3 dB on held-out 9-frame clips but 15 dB on
-17-frame ones; stage 3's 17-frame clips fix most of that.
+17-frame ones; stages 3-4's 17-frame clips fix most of that.
 
 Run all with ``OMP_NUM_THREADS=1`` (on a busy machine OpenMP spin-waiting
 can make a step 50x slower with more threads).
 
 * model: ``diffusers.AutoencoderKLWan`` (Wan 2.1 layout: causal 3D convs,
   4x temporal / 8x spatial compression) with reduced widths, see ``CONFIG``;
-* data: ``chopgrad.data.synthetic.make_video`` with training seeds
-  ``< 10_000_000``; held-out seeds start at ``10_000_000``;
+* data: ``chopgrad.data.synthetic.make_video``; with ``--seed 0`` the
+  training clip seeds are ``< 10_000_000`` (``--seed s > 0``: from
+  ``s * 100_000_000``); evaluation uses the held-out seeds
+  ``10_000_000 .. 10_000_007``;
 * phase 1 (first ``--phase1-frac`` of the steps): batches of ``--batch`` (4)
   clips of ``--frames`` (9) frames generated at 64x64 and randomly cropped to
   ``--crop`` (32) pixels;
