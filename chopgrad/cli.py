@@ -14,34 +14,24 @@ import time
 DTYPE_CHOICES = ("fp32", "bf16")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(parse, *, minimum, strict: bool, what: str):
+    """An argparse type: `parse(text)` bounded below by `minimum` (excluded when `strict`)."""
+
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return check
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+_positive_int = _number(int, minimum=1, strict=False, what="a positive integer")
+_nonneg_int = _number(int, minimum=0, strict=False, what="an integer >= 0")
+_positive_float = _number(float, minimum=0.0, strict=True, what="a positive number")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
