@@ -6,8 +6,8 @@ function of ``--seed`` and the step index; ``torch.use_deterministic_algorithms`
 is on; run with the same ``--threads`` to reproduce bit-for-bit.
 
 Recipe (the defaults describe stage 1). The shipped
-``chopgrad/models/default_vae.safetensors`` comes from five runs on this
-machine (stages 1-4 with 1 thread, stage 5 with 2; see benchmarks/RESULTS.md
+``chopgrad/models/default_vae.safetensors`` comes from six runs on this
+machine (stages 1-4 with 1 thread, stages 5-6 with 2; see benchmarks/RESULTS.md
 "Default model")::
 
     # stage 1 (= the weights shipped before, git 9106b3a): 900 steps of a 1400-step
@@ -30,11 +30,17 @@ machine (stages 1-4 with 1 thread, stage 5 with 2; see benchmarks/RESULTS.md
     # cache is trained over longer horizons), 2 threads
     python scripts/train_default_vae.py --init-from /tmp/stage4 --steps 7500 --lr 2e-4 --warmup 20 \
         --phase1-frac 1.0 --batch 2 --frames 17,33 --crop 32 --eval-every 1500 --threads 2 --seed 2 \
+        --out /tmp/stage5
+    # stage 6: 5400 more such steps on new clips (--seed 3)
+    python scripts/train_default_vae.py --init-from /tmp/stage5 --steps 5400 --lr 2e-4 --warmup 20 \
+        --phase1-frac 1.0 --batch 2 --frames 17,33 --crop 32 --eval-every 1800 --threads 2 --seed 3 \
         --out chopgrad/models
 
 Training only on 9-frame clips (3 latent frames) does not carry over to
 longer clips: stage 2 reached 18.3 dB on held-out 9-frame clips but 15 dB on
-17-frame ones; stages 3-4's 17-frame clips fix most of that.
+17-frame ones; stages 3-4's 17-frame clips fix most of that. Stages 5-6's
+33-frame clips also made the decoder's backward temporal influence decay much
+faster (``chopgrad probe --frames 33 --size 64``: alpha 0.18 -> 0.57).
 
 Set ``OMP_NUM_THREADS`` to ``--threads`` and give a run the cores it asks for
 (on a busy machine OpenMP spin-waiting can make a step 50x slower with more
@@ -82,7 +88,7 @@ gives about 31 / 25 / 21 dB.
 Usage::
 
     python scripts/train_default_vae.py --steps 1400 --threads 1 --out chopgrad/models
-    python scripts/train_default_vae.py --eval-only chopgrad/models   # held-out PSNR
+    python scripts/train_default_vae.py --eval-only chopgrad/models   # held-out PSNR, locality
 """
 
 from __future__ import annotations
@@ -187,6 +193,25 @@ def train_batch(
     return torch.stack([syn.make_video(base + i, 9, 64, 64) for i in range(2)])
 
 
+@torch.no_grad()
+def forward_locality(vae, frames: int = 33, size: int = 64) -> list[float]:
+    """RMS change of each decoded frame group after shifting latent frame 1.
+
+    Latent frame 1 of held-out clip 0 is shifted by 5% of the latents' std;
+    group 0 is pixel frame 0 and group g >= 1 is frames 4g-3..4g. Values are
+    relative to group 1: a decoder with temporal locality gives values that
+    fall with g, a random one gives growing values.
+    """
+    x = syn.make_video(HELDOUT_SEED0, frames, size, size).unsqueeze(0)
+    z = vae.encode(x).latent_dist.mode()
+    shift = torch.zeros_like(z)
+    shift[:, :, 1] = 0.05 * z.std()
+    diff = vae.decode(z + shift).sample - vae.decode(z).sample
+    groups = [diff[:, :, :1]] + [diff[:, :, 1 + 4 * (g - 1) : 1 + 4 * g] for g in range(1, z.shape[2])]
+    rms = [t.pow(2).mean().sqrt().item() for t in groups]
+    return [r / rms[1] for r in rms]
+
+
 def eval_only(args):
     from diffusers import AutoencoderKLWan
     from safetensors.torch import load_file
@@ -209,6 +234,7 @@ def eval_only(args):
         res[f"psnr_{frames}x{size}"] = [round(v, 3) for v in ps]
         res[f"psnr_{frames}x{size}_mean"] = round(sum(ps) / len(ps), 3)
         res[f"eval_seconds_{frames}x{size}"] = round(time.time() - t, 1)
+    res["forward_locality_33x64"] = [round(v, 4) for v in forward_locality(vae)]
     print(json.dumps(res, indent=2), flush=True)
     return 0
 
@@ -254,7 +280,8 @@ def main(argv=None):
         "--eval-only",
         metavar="DIR",
         help="skip training: load DIR/default_vae.safetensors (+ config json) and report held-out "
-        "PSNR on --eval-clips clips of 17 frames at 64x64 and 128x128 and of 33 frames at 64x64",
+        "PSNR on --eval-clips clips of 17 frames at 64x64 and 128x128 and of 33 frames at 64x64, "
+        "and the forward temporal locality of the decoder (see forward_locality)",
     )
     p.add_argument(
         "--vp-init",
