@@ -153,3 +153,23 @@ def test_table_bars_and_loss_guard(capsys):
     _check_same_loss(row, 0.5)
     assert row["cosine"] is None and "differs from full backprop" in row["detail"]
     assert "warning" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "loads, cores, expected",
+    [
+        ((0.0, 0.0, 0.0), 2, 2),  # idle machine: every core
+        ((0.4, 0.9, 1.0), 2, 1),  # a lull in a persistent one-core load still counts the load
+        ((1.2, 0.3, 0.2), 2, 1),  # a fresh load counts at once
+        ((9.0, 9.0, 9.0), 2, 1),  # overloaded: never below one thread
+        ((3.0, 2.0, 1.0), 16, 13),
+    ],
+)
+def test_default_threads_counts_the_busiest_load_average(monkeypatch, loads, cores, expected):
+    import os
+
+    from chopgrad.bench.bench import default_threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: loads)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_threads() == expected

@@ -96,14 +96,17 @@ def default_memory_budget(device: str = "cpu") -> int:
 
 
 def default_threads() -> int:
-    """CPU cores not already busy (cpu_count minus the 1-minute load average), at least 1.
+    """CPU cores not already busy (cpu_count minus the load average), at least 1.
 
     Oversubscribed OpenMP threads spin-wait for each other: on a busy 2-core
-    machine a 2-thread step can run 50x slower than a 1-thread one.
+    machine a 2-thread step can run 50x slower than a 1-thread one. The load is
+    the largest of the 1-, 5- and 15-minute averages, so a persistent
+    background load is still counted right after a brief lull (a lull makes
+    the 1-minute average alone undercount it, and the time ratios noisy).
     """
     cores = os.cpu_count() or 1
     try:
-        load = os.getloadavg()[0]
+        load = max(os.getloadavg())
     except OSError:
         load = 0.0
     return max(1, min(cores, int(cores - load + 0.5)))
