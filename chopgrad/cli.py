@@ -59,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--schedules", nargs="+", choices=("sliding", "chunked"), default=["sliding", "chunked"])
     b.add_argument("--baselines", nargs="*", choices=("full", "checkpoint"), default=["full", "checkpoint"],
                    help="baseline methods (default: full checkpoint; full backprop is the fidelity reference)")
-    b.add_argument("--repeats", type=_positive_int, help="timed steps per configuration (median reported)")
-    b.add_argument("--warmup", type=_nonneg_int, default=0, help="untimed steps before the measured one")
+    b.add_argument("--repeats", type=_positive_int,
+                   help="timed steps per configuration after the memory-measured step, which is timed too; the "
+                   "median of all is reported (default: 2 with --quick, else 3)")
+    b.add_argument("--warmup", type=_nonneg_int, default=0,
+                   help="untimed full steps before the measured one (a short step on the first 3 latent frames "
+                   "always runs first, so one-time library and cache costs are not counted)")
     b.add_argument("--memory-budget", type=_positive_float, metavar="GB",
                    help="a configuration above this peak (RSS on CPU, allocator on CUDA) is reported as OOM "
                         "(default: 80%% of available RAM / GPU memory)")

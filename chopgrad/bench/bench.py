@@ -285,7 +285,7 @@ def machine_description(settings: BenchSettings) -> dict:
             "platform": platform.platform(), "threads_per_worker": settings.threads, "model": settings.model, "dtype": settings.dtype,
             "memory_budget_gib": round(settings.memory_budget_bytes / 2**30, 3),
             "peak_memory": "max_memory_allocated" if settings.device.startswith("cuda")
-            else "peak RSS above the pre-step baseline"}
+            else "peak RSS above the pre-step baseline, after a 3-latent-frame warm-up step"}
 
 
 def write_outputs(rows: list[dict], settings: BenchSettings, out_dir: str, *, wall_s: Optional[float] = None,
