@@ -1,10 +1,11 @@
 """Peak memory of one pixel-loss training step vs video length (issue: engine).
 
 Each configuration runs in a fresh subprocess on a tiny random-weight Wan 2.1
-config on the CPU: peak RSS above the pre-step baseline, for full backprop
-through `vae.decode` and for `chopgrad.pixel_loss` at d_trunc 0, 1, 2 with both
-schedules, at 17, 33 and 65 pixel frames. Writes a markdown table to stdout
-and, with --results, into benchmarks/RESULTS.md between markers.
+config on the CPU: peak RSS above the pre-step baseline (after the bench
+worker's short warm-up step), for full backprop through `vae.decode` and for
+`chopgrad.pixel_loss` at d_trunc 0, 1, 2 with both schedules, at 17, 33 and
+65 pixel frames. Writes a markdown table to stdout and, with --results, into
+benchmarks/RESULTS.md between markers.
 
     python benchmarks/memory_scaling.py --results benchmarks/RESULTS.md
 """
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
                f"tiny Wan 2.1 config (random weights), {args.size}x{args.size} pixels, fp32, peak RSS above the "
-               f"pre-step baseline in MiB, one fresh subprocess per cell")
+               f"pre-step baseline in MiB (after a 3-latent-frame warm-up step), one fresh subprocess per cell")
     print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
