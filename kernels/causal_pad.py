@@ -163,18 +163,21 @@ def _causal_pad_fwd_kernel(
             smask = smask & ((~is_x) | (~inside))
         tl.store(out_ptr + (row * TP + j) * HP * WP + offs[None, :], v, mask=smask)
     else:
+        # Names differ from the padded-frame branch: Triton requires a variable
+        # assigned in both branches of a runtime `if` to keep one shape.
         k = jj - TP
-        live = (offs < H * W)[None, :] & cok
+        slot_live = (offs < H * W)[None, :] & cok
         h = offs // W
         w = offs % W
         sv = offs * 0 + (TC + TX - TN + k)
         from_c = (sv < TC)[None, :]
-        v = tl.load(xb + ((sv - TC).to(tl.int64) * xst + h * xsh + w * xsw)[None, :], mask=live & (~from_c),
+        v = tl.load(xb + ((sv - TC).to(tl.int64) * xst + h * xsh + w * xsw)[None, :], mask=slot_live & (~from_c),
                     other=0.0)
         if HAS_CACHE:
-            vc = tl.load(cb + (sv.to(tl.int64) * cst + h * csh + w * csw)[None, :], mask=live & from_c, other=0.0)
+            vc = tl.load(cb + (sv.to(tl.int64) * cst + h * csh + w * csw)[None, :], mask=slot_live & from_c,
+                         other=0.0)
             v = tl.where(from_c, vc, v)
-        tl.store(newc_ptr + (row * TN + k) * H * W + offs[None, :], v, mask=live)
+        tl.store(newc_ptr + (row * TN + k) * H * W + offs[None, :], v, mask=slot_live)
 
 
 @triton_kernel

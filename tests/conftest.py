@@ -19,6 +19,13 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 
+if os.environ.get("CHOPGRAD_RECORD_TRITON_LAUNCHES"):
+    # tests/test_kernels_compile.py: record each kernel launch's specialization
+    # so it can be compiled for a GPU afterwards (see tests/triton_specs.py).
+    from triton_specs import install_recorder
+
+    install_recorder(os.environ["CHOPGRAD_RECORD_TRITON_LAUNCHES"])
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
