@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def latents(seed=1, frames=3):
 def decode_and_grads(vae, z):
     z = z.clone().requires_grad_()
     out = vae.decode(z).sample
-    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    w = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype).view_as(out)
     loss = (out * w).sum()
     params = [p for p in vae.decoder.parameters()]
     grads = torch.autograd.grad(loss, [z] + params)
@@ -223,7 +225,30 @@ def test_pixel_loss_engine_with_patched_model():
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * max(r.abs().max().item(), 1e-3))
 
 
-def test_patched_decode_on_triton_path(monkeypatch):
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """IEEE fp32 convolutions and matmuls on CUDA, so fp32 comparisons can be tight.
+
+    cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa): the
+    patched and the eager decoder then differ by ~1e-3 for reasons that have
+    nothing to do with chopgrad (seen on an H200).
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        # a settings object with dynamic attributes: set and restore by hand
+        conv_before = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(matmul)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = conv_before
+
+
+def test_patched_decode_on_triton_path(monkeypatch, no_tf32):
     """The patched model through the Triton kernels (interpreter on CPU)."""
     from chopgrad.kernels import ENV_FORCE_TRITON, interpreter_ready
 
@@ -241,14 +266,31 @@ def test_patched_decode_on_triton_path(monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * max(r.abs().max().item(), 1.0))
 
 
-@pytest.mark.cuda
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cuda_bf16_decode_matches(name):
-    vae = make_vae(name).to("cuda", torch.bfloat16)
-    z = latents().to("cuda", torch.bfloat16)
-    ref_out, ref_grads = decode_and_grads(vae, z)
+def test_bf16_patched_decode_is_as_accurate_as_eager(name, device, no_tf32):
+    """bf16: the patched decoder is no less accurate than diffusers' own bf16 decode.
+
+    Both are compared with an fp32 decode of the same (bf16-rounded) weights
+    and latents. A direct patched-vs-eager comparison would mostly measure the
+    eager path's own bf16 rounding (on an H200, 4 of 35k outputs differed by
+    up to 0.07).
+    """
+    vae = make_vae(name).to(device, torch.bfloat16)
+    z = latents().to(device, torch.bfloat16)
+    oracle = copy.deepcopy(vae).float()
+    want_out, want_grads = decode_and_grads(oracle, z.float())
+    eager_out, eager_grads = decode_and_grads(vae, z)
     patch(vae)
     out, grads = decode_and_grads(vae, z)
-    torch.testing.assert_close(out.float(), ref_out.float(), rtol=5e-2, atol=5e-2)
-    for g, r in zip(grads[:1], ref_grads[:1]):
-        torch.testing.assert_close(g.float(), r.float(), rtol=1e-1, atol=5e-2 * r.abs().max().item())
+    # Both paths round to bf16 at every op boundary, in different places: allow
+    # twice the eager error plus 1e-2 (a wrong gradient path gives errors ~1).
+    eager_err = _relative_error(eager_out, want_out)
+    assert _relative_error(out, want_out) <= 2 * eager_err + 1e-2, (eager_err, _relative_error(out, want_out))
+    # latents' gradient, then every decoder parameter's
+    for g, e, w in zip(grads, eager_grads, want_grads):
+        assert _relative_error(g, w) <= 2 * _relative_error(e, w) + 1e-2, (_relative_error(e, w), _relative_error(g, w))
