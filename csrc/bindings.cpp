@@ -77,16 +77,60 @@ chopgrad::LossFn make_loss(py::function fn) {
   };
 }
 
+// Raises C++ errors as pybind11's own Python exceptions, from this module,
+// with the message but no C++ backtrace. Leaving c10::Error to torch's
+// translator crashed the interpreter (segfault) on torch 2.11+cu130 when
+// engine.loss rejected a bad plan, while the same error from the constructor
+// was raised correctly; this path does not depend on that translator.
+template <typename Fn>
+auto python_errors(const Fn& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    throw py::type_error(e.what_without_backtrace());
+  } catch (const c10::IndexError& e) {
+    throw py::index_error(e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+// Runs `run` with the GIL released (the engine calls the autograd engine,
+// which refuses to run under the GIL) and raises its exception only once the
+// GIL is held again, so the Python error is made with the GIL held.
+template <typename Run>
+at::Tensor without_gil(const Run& run) {
+  std::exception_ptr error;
+  at::Tensor out;
+  {
+    py::gil_scoped_release no_gil;
+    try {
+      out = run();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
 struct PyEngine {
   chopgrad::Engine engine;
 
+  // Bad input is rejected before the GIL is released.
   at::Tensor loss(const at::Tensor& latents, const std::vector<at::Tensor>& params) {
-    py::gil_scoped_release no_gil;
-    return engine.loss(latents, params);
+    return python_errors([&] {
+      engine.validate(latents);
+      return without_gil([&] { return engine.loss(latents, params); });
+    });
   }
   at::Tensor evaluate(const at::Tensor& latents) {
-    py::gil_scoped_release no_gil;
-    return engine.evaluate(latents);
+    return python_errors([&] {
+      engine.validate(latents);
+      return without_gil([&] { return engine.evaluate(latents); });
+    });
   }
 };
 
@@ -98,14 +142,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](py::function step, py::function loss, std::vector<int64_t> group_bounds,
                        std::vector<bool> supervised, int64_t d_trunc, const std::string& schedule,
                        py::object initial_state, int64_t time_dim) {
-             chopgrad::Plan plan;
-             plan.group_bounds = std::move(group_bounds);
-             plan.supervised = std::move(supervised);
-             plan.d_trunc = d_trunc;
-             plan.schedule = chopgrad::parse_schedule(schedule);
-             plan.time_dim = time_dim;
-             return new PyEngine{chopgrad::Engine(make_step(std::move(step)), make_loss(std::move(loss)),
-                                                  std::move(plan), state_from_python(initial_state, "initial_state"))};
+             return python_errors([&] {
+               chopgrad::Plan plan;
+               plan.group_bounds = std::move(group_bounds);
+               plan.supervised = std::move(supervised);
+               plan.d_trunc = d_trunc;
+               plan.schedule = chopgrad::parse_schedule(schedule);
+               plan.time_dim = time_dim;
+               return new PyEngine{chopgrad::Engine(make_step(std::move(step)), make_loss(std::move(loss)),
+                                                    std::move(plan),
+                                                    state_from_python(initial_state, "initial_state"))};
+             });
            }),
            py::arg("step"), py::arg("loss"), py::arg("group_bounds"), py::arg("supervised"), py::arg("d_trunc"),
            py::arg("schedule"), py::arg("initial_state") = py::none(), py::arg("time_dim") = 2)

@@ -342,6 +342,8 @@ Engine::Engine(StepFn step, LossFn loss, Plan plan, State initial_state)
   core_->stats = stats_;
 }
 
+void Engine::validate(const at::Tensor& latents) const { core_->plan.validate(latents); }
+
 at::Tensor Engine::loss(const at::Tensor& latents, const std::vector<at::Tensor>& params) {
   core_->plan.validate(latents);
   *stats_ = RunStats{};

@@ -88,6 +88,10 @@ class Engine {
   // The same loss value with no graph and no gradient work.
   at::Tensor evaluate(const at::Tensor& latents);
 
+  // Checks `latents` against the plan (what loss() and evaluate() check
+  // first); raises c10::ValueError naming the mismatch.
+  void validate(const at::Tensor& latents) const;
+
   const RunStats& stats() const { return *stats_; }
 
  private:
