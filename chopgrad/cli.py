@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -107,6 +108,10 @@ def _check_device(parser, args) -> None:
         parser.error(f"--model: {args.model!r} is neither 'default', 'tiny-wan21' nor an existing local folder")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_bench(parser, args) -> int:
     from chopgrad.bench.bench import BenchSettings, check_bars, format_table, run_bench, write_outputs
 
@@ -123,8 +128,29 @@ def cmd_bench(parser, args) -> int:
         check_shapes(load_model(settings.model), settings.frames, settings.sizes)
     except ValueError as exc:
         parser.error(str(exc))
+    measured: list[dict] = []
+
+    def record(row: dict) -> None:
+        # Rewrite results.json / results.md after every configuration, so a run
+        # that is stopped (Ctrl-C, SIGTERM from a job limit) keeps what it measured.
+        measured.append(row)
+        write_outputs(measured, settings, args.out, plots=False)
+        if args.no_progress:
+            peak = f"{row['peak_bytes'] / 2**20:.1f} MiB" if row.get("peak_bytes") else "-"
+            step = f"{row['time_s']:.3f} s/step" if row.get("time_s") else "-"
+            print(f"{row['size']}x{row['size']} {row['frames']:>4d}f {row['label']}: {row['status']}, {peak}, {step}",
+                  file=sys.stderr, flush=True)
+
     t0 = time.monotonic()
-    rows = run_bench(settings, progress=not args.no_progress)
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        rows = run_bench(settings, progress=not args.no_progress, log=record)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {len(measured)} configurations; their results are in "
+              f"{os.path.join(args.out, 'results.json')}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     wall = time.monotonic() - t0
     paths = write_outputs(rows, settings, args.out, wall_s=wall, plots=not args.no_plots)
     print(format_table(rows))

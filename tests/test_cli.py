@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -53,6 +57,27 @@ def test_bench_oom_rows_reported(tmp_path, capsys):
     assert all(r["cosine"] is None for r in rows)
     assert out.count("OOM") >= 3
     assert (tmp_path / "memory_vs_frames.png").exists()
+
+
+def test_bench_stopped_by_sigterm_keeps_the_measured_rows(tmp_path):
+    out_dir = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chopgrad", "bench", "--model", "tiny-wan21", "--frames", "5", "9", "13",
+         "--sizes", "16", "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(out_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out_dir / "results.json"
+    deadline = time.monotonic() + 300
+    while not results.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no configuration finished in 300 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    rows = json.loads(results.read_text())["rows"]
+    assert 1 <= len(rows) < 15  # 3 frame counts x 5 methods were asked for
+    assert f"interrupted after {len(rows)} configurations" in err
+    assert "16x16    5f full backprop: ok," in err  # the per-configuration line of --no-progress
 
 
 def test_bench_local_diffusers_folder(tmp_path, capsys):

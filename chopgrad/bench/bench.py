@@ -288,6 +288,15 @@ def machine_description(settings: BenchSettings) -> dict:
             else "peak RSS above the pre-step baseline, after a 3-latent-frame warm-up step"}
 
 
+def _write_atomically(path: str, text: str) -> None:
+    # The results are rewritten after every configuration: a reader (or a run
+    # stopped mid-write) must never see half a file.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_outputs(rows: list[dict], settings: BenchSettings, out_dir: str, *, wall_s: Optional[float] = None,
                   plots: bool = True) -> dict:
     """Writes results.json, results.md and the PNG plots; returns {name: path}."""
@@ -296,12 +305,11 @@ def write_outputs(rows: list[dict], settings: BenchSettings, out_dir: str, *, wa
     if wall_s is not None:
         meta["wall_s"] = round(wall_s, 1)
     paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
-    with open(paths["json"], "w") as f:
-        json.dump({"settings": asdict(settings), "machine": meta, "rows": rows}, f, indent=1, default=str)
     table = format_table(rows)
     desc = ", ".join(f"{k}: {v}" for k, v in meta.items())
-    with open(paths["md"], "w") as f:
-        f.write(f"# chopgrad bench\n\n{desc}\n\n{table}\n")
+    _write_atomically(paths["json"], json.dumps({"settings": asdict(settings), "machine": meta, "rows": rows},
+                                                indent=1, default=str))
+    _write_atomically(paths["md"], f"# chopgrad bench\n\n{desc}\n\n{table}\n")
     if plots:
         paths.update(plot_results(rows, out_dir))
     return paths

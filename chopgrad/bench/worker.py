@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     from chopgrad.bench.workloads import DTYPES, load_model
 
     device = torch.device(config.get("device", "cpu"))
+    if device.type == "cuda" and device.index is None:
+        # torch.cuda's per-device calls (memory fraction, peak stats) want an index.
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda" and os.environ.get("CHOPGRAD_MEMORY_BUDGET"):
         budget = int(os.environ["CHOPGRAD_MEMORY_BUDGET"])
         total = torch.cuda.get_device_properties(device).total_memory
