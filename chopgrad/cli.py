@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baselines", nargs="*", choices=("full", "checkpoint"), default=["full", "checkpoint"],
                    help="baseline methods (default: full checkpoint; full backprop is the fidelity reference)")
     b.add_argument("--repeats", type=_positive_int,
-                   help="timed steps per configuration after the memory-measured step, which is timed too; the "
-                   "median of all is reported (default: 2 with --quick, else 3)")
+                   help="timed steps per configuration after the memory-measured step (run with glibc's usual "
+                   "allocator thresholds, unlike the memory step); their median is reported (default: 3)")
     b.add_argument("--warmup", type=_nonneg_int, default=0,
                    help="untimed full steps before the measured one (a short step on the first 3 latent frames "
                    "always runs first, so one-time library and cache costs are not counted)")

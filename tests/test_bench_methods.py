@@ -39,7 +39,7 @@ def test_checkpointed_step_equals_full_backprop(name):
 
 def test_worker_warms_up_on_a_prefix_then_measures_and_times_full_steps(tmp_path, monkeypatch, capsys):
     """The worker's first step runs on the first 3 latent frames against the model's own decode
-    (one-time costs paid before the peak is reset); the memory step is then timed with the repeats."""
+    (one-time costs paid before the peak is reset); then the memory step, then the timed repeats."""
     import json
 
     import chopgrad.bench.methods as methods
@@ -56,12 +56,13 @@ def test_worker_warms_up_on_a_prefix_then_measures_and_times_full_steps(tmp_path
         return full_backprop_loss(vae, z, target)
 
     monkeypatch.setattr(methods, "loss_fn", lambda *args, **kwargs: recording_loss)
-    config = {"model": "tiny-wan21", "inputs": str(tmp_path / "inputs.pt"), "method": "full", "repeats": 2}
+    config = {"model": "tiny-wan21", "inputs": str(tmp_path / "inputs.pt"), "method": "full", "repeats": 3}
     assert worker.main([json.dumps(config)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    assert [t for t, _ in calls] == [3, latents.shape[2], latents.shape[2], latents.shape[2]]
     with torch.no_grad():
         own_decode = vae.decode(latents[:, :, :3]).sample
     torch.testing.assert_close(calls[0][1], own_decode)
+    assert [t for t, _ in calls] == [3] + [latents.shape[2]] * 4  # prefix, memory step, 3 timed steps
     assert len(out["times_s"]) == 3 and out["time_s"] == sorted(out["times_s"])[1]
+    assert out["memory_step_s"] > 0 and out["timed_with_usual_allocator"] is True

@@ -64,7 +64,7 @@ class BenchSettings:
         if self.d_truncs is None:
             self.d_truncs = list(QUICK_D_TRUNCS if self.quick else FULL_D_TRUNCS)
         if self.repeats is None:
-            self.repeats = 2 if self.quick else 3
+            self.repeats = 3
         if self.memory_budget_bytes is None:
             self.memory_budget_bytes = default_memory_budget(self.device)
         if self.threads is None:
