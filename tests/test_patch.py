@@ -288,9 +288,10 @@ def test_bf16_patched_decode_is_as_accurate_as_eager(name, device, no_tf32):
     patch(vae)
     out, grads = decode_and_grads(vae, z)
     # Both paths round to bf16 at every op boundary, in different places: allow
-    # twice the eager error plus 1e-2 (a wrong gradient path gives errors ~1).
+    # twice the eager error (+1e-3 for a near-exact eager result); a wrong
+    # gradient path gives errors ~1. On CPU the ratio is 0.19-1.81.
     eager_err = _relative_error(eager_out, want_out)
-    assert _relative_error(out, want_out) <= 2 * eager_err + 1e-2, (eager_err, _relative_error(out, want_out))
+    assert _relative_error(out, want_out) <= 2 * eager_err + 1e-3, (eager_err, _relative_error(out, want_out))
     # latents' gradient, then every decoder parameter's
     for g, e, w in zip(grads, eager_grads, want_grads):
-        assert _relative_error(g, w) <= 2 * _relative_error(e, w) + 1e-2, (_relative_error(e, w), _relative_error(g, w))
+        assert _relative_error(g, w) <= 2 * _relative_error(e, w) + 1e-3, (_relative_error(e, w), _relative_error(g, w))
