@@ -178,3 +178,43 @@ def test_value_and_grad_loss_callback():
         engine.loss(zz, []).backward()
         grads.append(zz.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_engine_errors_are_raised_by_the_bindings_not_torchs_translator(tmp_path):
+    # The bindings turn c10 errors into Python exceptions themselves (a c10
+    # error left to torch's translator crashed Python on a torch 2.11 GPU
+    # machine). With TORCH_SHOW_CPP_STACKTRACES=1 torch's translator would
+    # append a C++ backtrace; the bindings raise the check's message alone.
+    import os
+    import subprocess
+    import sys
+
+    script = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from test_engine import ToyDecoder, toy_adapter
+from chopgrad._ext import load_extension
+ext = load_extension()
+toy = ToyDecoder()
+adapter = toy_adapter(toy)
+def raised(fn):
+    try:
+        fn()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "nothing raised"
+engine = ext.Engine(adapter.step, lambda g, f, n: f.sum(), [0, 2, 3], [True, True], 0, "sliding", [None], 2)
+z = torch.randn(1, 3, 5, 1, 1, requires_grad=True)
+print(raised(lambda: engine.loss(z, [])))
+print(raised(lambda: engine.evaluate(z)))
+print(raised(lambda: ext.Engine(adapter.step, lambda g, f, n: f.sum(), [0, 1], [True], 0, "zigzag", [None], 2)))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == [
+        "ValueError: group_bounds must run from 0 to the latent frame count 5",
+        "ValueError: group_bounds must run from 0 to the latent frame count 5",
+        "ValueError: schedule must be 'sliding' or 'chunked', got 'zigzag'",
+    ], run.stdout
