@@ -52,3 +52,28 @@ def test_time_budget_stops_training(tmp_path):
     assert 1 <= log["steps_done"] < 100, log["steps_done"]
     assert log["train_seconds"] < 1.0 + 10.0  # the budget plus at most one step
     assert (tmp_path / "default_vae.safetensors").exists()
+
+
+def _psnr_references():
+    spec = importlib.util.spec_from_file_location("psnr_references", os.path.join(ROOT, "scripts", "psnr_references.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_psnr_references_rank_the_codecs_by_their_size():
+    ref = _psnr_references()
+    x = torch.arange(3 * 9 * 16 * 16, dtype=torch.float32).reshape(3, 9, 16, 16)
+    p = ref.patches(x)
+    assert p.shape == (2 * 2 * 2, 3 * 4 * 8 * 8)
+    # patch 0 is frames 1-4, rows 0-7, columns 0-7 of every channel, in (c, t, y, x) order
+    torch.testing.assert_close(p[0], x[:, 1:5, :8, :8].reshape(-1))
+    out = ref.references(clips=1, fit_clips=3, components=(4, 16, 64))
+    assert out["mean_colour"] < out["avg_pool_8x8"] < out["avg_pool_4x4"] < out["avg_pool_2x2"]
+    assert out["pca_8x8x4_k4"] < out["pca_8x8x4_k16"] < out["pca_8x8x4_k64"]
+
+
+def test_latent_optimisation_does_not_lower_the_default_vaes_psnr():
+    out = _psnr_references().decoder_with_optimised_latents(steps=2, lr=1e-3)
+    assert out["vae_clip0_latents_optimised_2_steps"] >= out["vae_clip0_encoder_latents"] - 0.01
+    assert out["vae_clip0_encoder_latents"] > 16.0  # above the mean-colour level: real latents
