@@ -74,7 +74,11 @@ compression reaches 23 dB in 350 steps. Trials: ``--zero-residual`` 14.9 dB;
 30 dB goal within CPU budgets, so the shipped model keeps Wan 2.1's 8x spatial
 compression and the default init and is trained further instead. The data
 itself is detailed: 2x / 4x / 8x average-pool-and-upsample of held-out clips
-gives about 31 / 25 / 21 dB.
+gives about 31 / 25 / 21 dB, and a linear PCA code of 8x8x4 patches at the
+model's compression 27.3 dB (``scripts/psnr_references.py``). To grow the
+trained model instead of starting over, ``scripts/widen_vae.py`` makes a
+wider copy that computes the same thing; continue it with ``--init-from DIR
+--base-dim N``.
 
 * model: ``diffusers.AutoencoderKLWan`` (Wan 2.1 layout: causal 3D convs,
   4x temporal / 8x spatial compression) with reduced widths, see ``CONFIG``;
