@@ -26,7 +26,9 @@
 # shipped weights. TRAIN_BASE_DIM=N first widens the starting weights to
 # base_dim N (scripts/widen_vae.py: the wider model starts out computing what
 # the trained one does) and trains that; base_dim 24 keeps `chopgrad bench
-# --quick` at about 2.7 min on 2 CPU cores (16 now: 1.9 min). INSTALL_TRAINED=1
+# --quick` at about 2.7 min on 2 CPU cores (16 now: 1.9 min). TRAIN_Z_DIM=N
+# likewise adds latent channels (32 now; at 64 a linear code of the same size
+# reaches 30 dB on the held-out clips, see benchmarks/RESULTS.md). INSTALL_TRAINED=1
 # copies the trained weights and config over chopgrad/models/ before the
 # benchmarks, so probe and bench measure them (it changes this checkout's
 # default model: use it on a scratch copy).
@@ -56,11 +58,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT_DIR/
 TRAIN_PID=
 INIT_DIR=${INIT_FROM:-chopgrad/models}
 ARCH_ARGS=()
-if [ "$TRAIN_SECONDS" != 0 ] && [ -n "${TRAIN_BASE_DIM:-}" ]; then
-    "$PY" scripts/widen_vae.py "$INIT_DIR" "$OUT_DIR/widened" --base-dim "$TRAIN_BASE_DIM" >"$OUT_DIR/widen.log" 2>&1 \
+[ -n "${TRAIN_BASE_DIM:-}" ] && ARCH_ARGS+=(--base-dim "$TRAIN_BASE_DIM")
+[ -n "${TRAIN_Z_DIM:-}" ] && ARCH_ARGS+=(--z-dim "$TRAIN_Z_DIM")
+if [ "$TRAIN_SECONDS" != 0 ] && [ ${#ARCH_ARGS[@]} -gt 0 ]; then
+    "$PY" scripts/widen_vae.py "$INIT_DIR" "$OUT_DIR/widened" "${ARCH_ARGS[@]}" >"$OUT_DIR/widen.log" 2>&1 \
         || { stamp "widen failed (see widen.log)"; exit 1; }
     INIT_DIR=$OUT_DIR/widened
-    ARCH_ARGS=(--base-dim "$TRAIN_BASE_DIM")
 fi
 if [ "$TRAIN_SECONDS" != 0 ]; then
     stamp "start train (${TRAIN_SECONDS}s budget)"

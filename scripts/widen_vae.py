@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Widen a trained default VAE (larger ``base_dim``) while keeping what it computes.
+"""Widen a trained default VAE (larger ``base_dim`` and/or ``z_dim``) while keeping what it computes.
 
 Training a wider ``AutoencoderKLWan`` from scratch costs hours to climb back to
 where the shipped model is; this starts the wider model *at* the trained one so
@@ -11,7 +11,10 @@ that every training step goes to the new capacity (Net2Net-style growth)::
 Every widened channel dimension keeps the old channels at their old indices
 (per block, for tensors that hold several blocks of channels: an attention
 ``to_qkv`` holds q, k and v, a decoder ``time_conv`` the two output frames of
-its temporal upsampling). New channels get small random incoming weights
+its temporal upsampling, the encoder's ``conv_out`` and ``quant_conv`` the
+posterior's mean and log-variance). With a larger ``z_dim`` the encoder's
+latents keep their old channels first and the decoder starts out ignoring the
+new ones. New channels get small random incoming weights
 and zero outgoing weights, so the old channels compute what they did, while
 every new weight still receives a gradient (all-zero new channels would get
 none). Two things do change with the width and are compensated:
@@ -42,6 +45,9 @@ def _blocks(name: str, dim: int) -> int:
     """How many equal blocks of channels dimension ``dim`` of parameter ``name`` holds."""
     if dim == 0 and ".to_qkv." in name:
         return 3
+    # the posterior's mean and log-variance, z_dim channels each
+    if name.startswith("quant_conv.") or (dim == 0 and name.startswith("encoder.conv_out.")):
+        return 2
     if dim == 0 and name.startswith("decoder.") and ".upsamplers." in name and ".time_conv." in name:
         return 2
     return 1
@@ -111,17 +117,28 @@ def widen_state_dict(
     return out
 
 
-def widen(src: str, dst: str, *, base_dim: int, noise: float = 0.1, seed: int = 0) -> dict:
+def widen(
+    src: str, dst: str, *, base_dim: int | None = None, z_dim: int | None = None, noise: float = 0.1, seed: int = 0
+) -> dict:
     """Write a widened copy of the model folder ``src`` (``default_vae.safetensors`` +
-    ``default_vae_config.json``) to ``dst``; returns the new config."""
+    ``default_vae_config.json``) to ``dst``; returns the new config. ``None``
+    keeps the model's ``base_dim`` / ``z_dim``."""
     from diffusers import AutoencoderKLWan
     from safetensors.torch import load_file, save_file
 
     with open(os.path.join(src, "default_vae_config.json")) as f:
         config = json.load(f)
+    base_dim = config["base_dim"] if base_dim is None else base_dim
+    z_dim = config["z_dim"] if z_dim is None else z_dim
     if base_dim < config["base_dim"]:
         raise ValueError(f"--base-dim must be at least the model's {config['base_dim']}, got {base_dim}")
-    config = dict(config, base_dim=base_dim)
+    if z_dim < config["z_dim"]:
+        raise ValueError(f"--z-dim must be at least the model's {config['z_dim']}, got {z_dim}")
+    # new latent channels are used raw, like the old ones: mean 0, std 1
+    extra = z_dim - config["z_dim"]
+    config = dict(config, base_dim=base_dim, z_dim=z_dim,
+                  latents_mean=list(config["latents_mean"]) + [0.0] * extra,
+                  latents_std=list(config["latents_std"]) + [1.0] * extra)
     shapes = {k: v.shape for k, v in AutoencoderKLWan(**config).state_dict().items()}
     wide = widen_state_dict(load_file(os.path.join(src, "default_vae.safetensors")), shapes, noise=noise, seed=seed)
     os.makedirs(dst, exist_ok=True)
@@ -135,12 +152,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("src", help="folder with default_vae.safetensors and default_vae_config.json")
     p.add_argument("dst", help="output folder (same two files)")
-    p.add_argument("--base-dim", type=int, required=True, help="new base_dim (every width scales with it)")
+    p.add_argument("--base-dim", type=int, default=None, help="new base_dim (every width scales with it)")
+    p.add_argument("--z-dim", type=int, default=None, help="new number of latent channels")
     p.add_argument("--noise", type=float, default=0.1, help="new incoming weights' std, relative to the old tensor's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    config = widen(args.src, args.dst, base_dim=args.base_dim, noise=args.noise, seed=args.seed)
-    print(f"wrote {args.dst} (base_dim {config['base_dim']})")
+    if args.base_dim is None and args.z_dim is None:
+        p.error("give --base-dim and/or --z-dim")
+    config = widen(args.src, args.dst, base_dim=args.base_dim, z_dim=args.z_dim, noise=args.noise, seed=args.seed)
+    print(f"wrote {args.dst} (base_dim {config['base_dim']}, z_dim {config['z_dim']})")
     return 0
 
 

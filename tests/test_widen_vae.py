@@ -35,11 +35,11 @@ def _trained_like(seed: int = 0):
     return vae
 
 
-def _widened(vae, base_dim: int, noise: float):
+def _widened(vae, base_dim: int, noise: float, z_dim: int | None = None):
     from diffusers import AutoencoderKLWan
 
     widen = _script()
-    config = dict(vae.config, base_dim=base_dim)
+    config = dict(vae.config, base_dim=base_dim, z_dim=z_dim or vae.config.z_dim)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     wide = AutoencoderKLWan(**config).eval()
     shapes = {k: v.shape for k, v in wide.state_dict().items()}
@@ -63,6 +63,24 @@ def test_zero_noise_widening_computes_the_same_function(base_dim):
         z, z_wide = vae.encode(x).latent_dist.mode(), wide.encode(x).latent_dist.mode()
         torch.testing.assert_close(z_wide, z, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(wide.decode(z).sample, vae.decode(z).sample, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("base_dim", [8, 12])
+def test_more_latent_channels_keep_the_old_ones_and_the_decoder_ignores_the_new(base_dim):
+    vae = _trained_like()
+    wide = _widened(vae, base_dim, noise=0.0 if base_dim > 8 else 0.1, z_dim=7)
+    x = _video()
+    with torch.no_grad():
+        z, z_wide = vae.encode(x).latent_dist, wide.encode(x).latent_dist
+        assert z_wide.mean.shape[1] == 7
+        torch.testing.assert_close(z_wide.mean[:, :4], z.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(z_wide.logvar[:, :4], z.logvar, rtol=1e-4, atol=1e-5)
+        if base_dim == 8:  # noise > 0: the new channels carry something from the start
+            assert z_wide.mean[:, 4:].abs().max() > 0
+        # whatever is in the new channels, the widened decoder does not read them yet
+        ref = vae.decode(z.mean).sample
+        anything_new = torch.cat([z.mean, torch.randn_like(z_wide.mean[:, 4:])], 1)
+        torch.testing.assert_close(wide.decode(anything_new).sample, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_noisy_widening_stays_close_and_every_new_weight_learns():
@@ -92,12 +110,14 @@ def test_widen_writes_a_loadable_model_folder(tmp_path):
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(src / "default_vae.safetensors"))
     config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
     (src / "default_vae_config.json").write_text(json.dumps(config))
-    assert widen.main([str(src), str(tmp_path / "dst"), "--base-dim", "12", "--noise", "0"]) == 0
+    assert widen.main([str(src), str(tmp_path / "dst"), "--base-dim", "12", "--z-dim", "6", "--noise", "0"]) == 0
     from diffusers import AutoencoderKLWan
     from safetensors.torch import load_file
 
     new_config = json.loads((tmp_path / "dst" / "default_vae_config.json").read_text())
-    assert new_config["base_dim"] == 12 and new_config["z_dim"] == config["z_dim"]
+    assert new_config["base_dim"] == 12 and new_config["z_dim"] == 6
+    assert new_config["latents_mean"] == list(config["latents_mean"]) + [0.0, 0.0]
+    assert new_config["latents_std"] == list(config["latents_std"]) + [1.0, 1.0]
     wide = AutoencoderKLWan(**new_config)
     wide.load_state_dict(load_file(str(tmp_path / "dst" / "default_vae.safetensors")), strict=True)
 
@@ -112,6 +132,13 @@ def test_widen_rejects_a_narrower_base_dim_and_mismatched_models(tmp_path):
     bad = dict(shapes, **{"decoder.conv_in.weight": torch.Size([24, 4, 3, 5, 3])})
     with pytest.raises(ValueError, match="only channel dimensions may grow"):
         widen.widen_state_dict(sd, bad)
+    with pytest.raises(ValueError, match="z-dim must be at least"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "default_vae.safetensors"))
+        config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+        (tmp_path / "default_vae_config.json").write_text(json.dumps(config))
+        widen.widen(str(tmp_path), str(tmp_path / "out"), z_dim=2)
     with pytest.raises(ValueError, match="base-dim must be at least"):
         from safetensors.torch import save_file
 
