@@ -2,22 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_default_vae", os.path.join(ROOT, "scripts", "train_default_vae.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from script_loader import load_script
 
 TINY_RUN = ["--batch", "1", "--frames", "9,17", "--crop", "32", "--phase1-frac", "1.0", "--warmup", "1",
             "--eval-every", "1000", "--eval-clips", "1", "--threads", "1", "--seed", "5"]
@@ -25,7 +15,7 @@ TINY_RUN = ["--batch", "1", "--frames", "9,17", "--crop", "32", "--phase1-frac",
 
 def test_dataloader_workers_deliver_each_steps_own_batch():
     # item `step` of the dataset is train_batch(step, ...), whichever worker makes it
-    train = _script()
+    train = load_script("train_default_vae")
     args = argparse.Namespace(steps=4, seed=5, phase1_frac=1.0, batch=3, frames=(9, 17), crop=32)
     loader = torch.utils.data.DataLoader(train.TrainingBatches(4, args), batch_size=None, num_workers=2,
                                          worker_init_fn=train._single_threaded_worker)
@@ -35,7 +25,7 @@ def test_dataloader_workers_deliver_each_steps_own_batch():
 
 
 def test_worker_processes_do_not_change_the_trained_weights(tmp_path):
-    train = _script()
+    train = load_script("train_default_vae")
     train.main(["--steps", "3", "--workers", "0", "--out", str(tmp_path / "inline"), *TINY_RUN])
     train.main(["--steps", "3", "--workers", "2", "--out", str(tmp_path / "workers"), *TINY_RUN])
     inline = load_file(str(tmp_path / "inline" / "default_vae.safetensors"))
@@ -46,7 +36,7 @@ def test_worker_processes_do_not_change_the_trained_weights(tmp_path):
 
 
 def test_time_budget_stops_training(tmp_path):
-    train = _script()
+    train = load_script("train_default_vae")
     train.main(["--steps", "100000", "--time-budget", "1.0", "--workers", "0", "--out", str(tmp_path), *TINY_RUN])
     log = json.loads((tmp_path / "default_vae_training.json").read_text())
     assert 1 <= log["steps_done"] < 100, log["steps_done"]
@@ -54,15 +44,8 @@ def test_time_budget_stops_training(tmp_path):
     assert (tmp_path / "default_vae.safetensors").exists()
 
 
-def _psnr_references():
-    spec = importlib.util.spec_from_file_location("psnr_references", os.path.join(ROOT, "scripts", "psnr_references.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_psnr_references_rank_the_codecs_by_their_size():
-    ref = _psnr_references()
+    ref = load_script("psnr_references")
     x = torch.arange(3 * 9 * 16 * 16, dtype=torch.float32).reshape(3, 9, 16, 16)
     p = ref.patches(x)
     assert p.shape == (2 * 2 * 2, 3 * 4 * 8 * 8)
@@ -74,6 +57,6 @@ def test_psnr_references_rank_the_codecs_by_their_size():
 
 
 def test_latent_optimisation_does_not_lower_the_default_vaes_psnr():
-    out = _psnr_references().decoder_with_optimised_latents(steps=2, lr=1e-3)
+    out = load_script("psnr_references").decoder_with_optimised_latents(steps=2, lr=1e-3)
     assert out["vae_clip0_latents_optimised_2_steps"] >= out["vae_clip0_encoder_latents"] - 0.01
     assert out["vae_clip0_encoder_latents"] > 16.0  # above the mean-colour level: real latents

@@ -1,24 +1,15 @@
 """scripts/widen_vae.py: a wider Wan VAE that starts out computing what the trained one did."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
+from script_loader import load_script
 from test_default_model import PSNR_CLIP0
 from tiny_models import tiny_wan21
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("widen_vae", os.path.join(ROOT, "scripts", "widen_vae.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _trained_like(seed: int = 0):
@@ -38,7 +29,7 @@ def _trained_like(seed: int = 0):
 def _widened(vae, base_dim: int, noise: float, z_dim: int | None = None):
     from diffusers import AutoencoderKLWan
 
-    widen = _script()
+    widen = load_script("widen_vae")
     config = dict(vae.config, base_dim=base_dim, z_dim=z_dim or vae.config.z_dim)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     wide = AutoencoderKLWan(**config).eval()
@@ -63,6 +54,14 @@ def test_zero_noise_widening_computes_the_same_function(base_dim):
         z, z_wide = vae.encode(x).latent_dist.mode(), wide.encode(x).latent_dist.mode()
         torch.testing.assert_close(z_wide, z, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(wide.decode(z).sample, vae.decode(z).sample, rtol=1e-4, atol=1e-5)
+    # and the same gradient to the pixels, through encoder and decoder
+    grads = []
+    for model in (vae, wide):
+        x_in = x.clone().requires_grad_(True)
+        rec = model.decode(model.encode(x_in).latent_dist.mode()).sample
+        ((rec - x) ** 2).mean().backward()
+        grads.append(x_in.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("base_dim", [8, 12])
@@ -103,7 +102,7 @@ def test_noisy_widening_stays_close_and_every_new_weight_learns():
 def test_widen_writes_a_loadable_model_folder(tmp_path):
     from safetensors.torch import save_file
 
-    widen = _script()
+    widen = load_script("widen_vae")
     vae = _trained_like()
     src = tmp_path / "src"
     src.mkdir()
@@ -123,7 +122,7 @@ def test_widen_writes_a_loadable_model_folder(tmp_path):
 
 
 def test_widen_rejects_a_narrower_base_dim_and_mismatched_models(tmp_path):
-    widen = _script()
+    widen = load_script("widen_vae")
     vae = _trained_like()
     sd = vae.state_dict()
     shapes = {k: v.shape for k, v in sd.items()}
@@ -152,11 +151,9 @@ def test_training_continues_from_a_widened_default_model(tmp_path):
     # the path benchmarks/gpu_session.sh takes with TRAIN_BASE_DIM: widen, then --init-from + --base-dim
     from chopgrad.models import DEFAULT_VAE_CONFIG_PATH
 
-    widen = _script()
+    widen = load_script("widen_vae")
     widen.main([os.path.dirname(DEFAULT_VAE_CONFIG_PATH), str(tmp_path / "wide"), "--base-dim", "20"])
-    spec = importlib.util.spec_from_file_location("train_default_vae", os.path.join(ROOT, "scripts", "train_default_vae.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_script("train_default_vae")
     train.main(["--init-from", str(tmp_path / "wide"), "--base-dim", "20", "--steps", "1", "--batch", "1",
                 "--frames", "9", "--crop", "32", "--phase1-frac", "1.0", "--warmup", "1", "--lr", "1e-5",
                 "--eval-clips", "1", "--threads", "1", "--out", str(tmp_path / "trained")])
