@@ -27,31 +27,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HELDOUT_SEED0 = 10_000_000
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+# the same held-out clips, generator and PSNR as the training script's evaluation
+from train_default_vae import HELDOUT_SEED0, REPO, psnr, syn  # noqa: E402
+
 FIT_SEED0 = 900_000  # below the held-out range, like the training clips
-
-
-def _synthetic():
-    # the generator module alone, so this runs without the compiled extension
-    spec = importlib.util.spec_from_file_location("_syn", os.path.join(REPO, "chopgrad", "data", "synthetic.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    mse = F.mse_loss(x.double(), y.double()).item()
-    return 10.0 * math.log10(4.0 / max(mse, 1e-20))
 
 
 def patches(clip: torch.Tensor, frames: int = 4, size: int = 8) -> torch.Tensor:
@@ -64,7 +52,6 @@ def patches(clip: torch.Tensor, frames: int = 4, size: int = 8) -> torch.Tensor:
 
 
 def references(clips: int = 8, fit_clips: int = 200, components=(16, 32, 64, 128)) -> dict:
-    syn = _synthetic()
     held = [syn.make_video(HELDOUT_SEED0 + i, 17, 64, 64) for i in range(clips)]
     frames = [v[:, 1:17] for v in held]
     out = {"mean_colour": sum(psnr(v.mean(dim=(1, 2, 3), keepdim=True).expand_as(v), v) for v in frames) / clips}
@@ -91,7 +78,6 @@ def decoder_with_optimised_latents(steps: int, lr: float = 0.02) -> dict:
     sys.path.insert(0, REPO)
     from chopgrad.models import default_vae
 
-    syn = _synthetic()
     vae = default_vae().requires_grad_(False)
     x = syn.make_video(HELDOUT_SEED0, 17, 64, 64).unsqueeze(0)
     with torch.no_grad():
