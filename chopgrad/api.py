@@ -1,12 +1,15 @@
 """The public API: `pixel_loss` (truncated backprop through the decoder) and `decode`."""
 from __future__ import annotations
 
+import operator
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from . import _ext
 from .adapters import DecodePlan, DecoderAdapter, wrap
+from .adapters.base import layerwise_cast_trainable_parameters
+from .decoder_steps import ReplayedRandomness, engine_step
 from .frames import FrameInput, FrameSource, optional_source
 from .losses import LossSpec, resolve_loss
 from .video_loss import VideoLoss
@@ -15,27 +18,41 @@ SCHEDULES = ("sliding", "chunked")
 REDUCTIONS = ("mean", "sum")
 
 
+def _as_index(value, what: str) -> int:
+    """An int from anything integer-like (int, numpy integer, one-element integer tensor), never a bool."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer (int, numpy integer or integer tensor), "
+                        f"got {type(value).__name__} {value!r}") from None
+
+
 def _check_d_trunc(d_trunc) -> int:
+    """The engine's truncation distance: -1 for none."""
     if d_trunc is None:
         return -1
-    if isinstance(d_trunc, bool) or not isinstance(d_trunc, int):
-        raise TypeError(f"d_trunc must be a non-negative int or None (no truncation), got {d_trunc!r}")
-    if d_trunc < 0:
-        raise ValueError(f"d_trunc must be >= 0 or None (no truncation), got {d_trunc}")
-    return d_trunc
+    d = _as_index(d_trunc, "d_trunc (a non-negative int, or None for no truncation)")
+    if d < 0:
+        raise ValueError(f"d_trunc must be >= 0 or None (no truncation), got {d}")
+    return d
 
 
 def _supervised_steps(groups: Optional[Iterable[int]], num_steps: int) -> list[bool]:
     if groups is None:
         return [True] * num_steps
+    if isinstance(groups, torch.Tensor) and groups.dim() != 1:
+        raise TypeError(f"groups must be a 1-D sequence of decoder step indices, got a tensor of shape "
+                        f"{tuple(groups.shape)}")
     if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
         raise TypeError(f"groups must be an iterable of decoder step indices or None, got {type(groups).__name__}")
-    chosen = list(groups)
+    chosen = [_as_index(g, f"groups: every entry (a decoder step index in [0, {num_steps}))") for g in groups]
     if not chosen:
         raise ValueError("groups must name at least one decoder step (or be None for all)")
     for g in chosen:
-        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < num_steps:
-            raise ValueError(f"groups: every entry must be a decoder step index in [0, {num_steps}), got {g!r}")
+        if not 0 <= g < num_steps:
+            raise ValueError(f"groups: every entry must be a decoder step index in [0, {num_steps}), got {g}")
     mask = [False] * num_steps
     for g in chosen:
         mask[g] = True
@@ -44,20 +61,12 @@ def _supervised_steps(groups: Optional[Iterable[int]], num_steps: int) -> list[b
 
 def _prepare(vae_or_decoder, latents) -> tuple[DecoderAdapter, DecodePlan]:
     adapter = wrap(vae_or_decoder)
+    if isinstance(latents, torch.Tensor):
+        expected = adapter.compute_device()
+        if expected is not None and latents.device != expected:
+            raise ValueError(f"latents are on device {latents.device}, but the decoder computes on {expected}: "
+                             f"move them with latents.to({str(expected)!r})")
     return adapter, adapter.plan(latents)
-
-
-def _checked_step(adapter: DecoderAdapter, plan: DecodePlan) -> Callable:
-    def step(index: int, latent_group: torch.Tensor, state: list):
-        frames, next_state = adapter.step(index, latent_group, state)
-        b, c, _, h, w = plan.video_shape
-        expected = (b, c, plan.frames_per_step[index], h, w)
-        if tuple(frames.shape) != expected:
-            raise RuntimeError(f"decoder step {index} returned frames of shape {tuple(frames.shape)}, "
-                               f"but the adapter's plan expects {expected}")
-        return frames, next_state
-
-    return step
 
 
 def pixel_loss(
@@ -93,11 +102,24 @@ def pixel_loss(
         d_trunc: truncation distance in decoder steps (>= 0), or None for none.
         schedule: "sliding" (exact truncated gradient, (d_trunc+1)x compute) or
             "chunked" (1x compute, truncation distance 0..d_trunc).
-        mask: optional (B, 1 or C, F, H, W) weights (tensor or callable like target).
+        mask: optional (B, 1 or C, F, H, W) weights (tensor or callable like
+            target), finite and >= 0. An all-zero mask supervises no pixel:
+            the elementwise terms are 0 with zero gradient (not 0/0), and
+            callables see the target in place of the prediction.
         reduction: "mean" (over supervised elements, or the mask sum) or "sum".
-        groups: decoder step indices to supervise (None: all). Decoding stops
-            after the last supervised step; unsupervised steps only advance the state.
+        groups: decoder step indices to supervise (None: all), integers or an
+            integer array/tensor. Decoding stops after the last supervised
+            step; unsupervised steps only advance the state.
         clamp: apply the model's own output clamp (and its zero gradient where saturated).
+
+    Gradients reach the latents and decoder parameters only: a target or mask
+    that requires grad is an error, and so is a callable loss whose value has
+    no graph. Double backward (`create_graph=True`) is not supported and
+    raises. A decoder in train mode gets the same random numbers on every
+    re-run of a step (dropout), so values equal its own decode under the same
+    seed. Decoders with diffusers' layerwise casting (frozen weights) or
+    group offloading work: each step keeps the compute-dtype, onloaded
+    weights it used until its backward.
     """
     d = _check_d_trunc(d_trunc)
     if schedule not in SCHEDULES:
@@ -108,14 +130,26 @@ def pixel_loss(
         raise TypeError(f"clamp must be a bool, got {clamp!r}")
     terms = resolve_loss(loss)
     adapter, plan = _prepare(vae_or_decoder, latents)
+    # A distance reaching before step 0 truncates nothing; clipping keeps it in the engine's int64.
+    d = min(d, plan.num_steps)
     supervised = _supervised_steps(groups, plan.num_steps)
-    target_source = FrameSource(target, "target", plan.video_shape)
-    mask_source = optional_source(mask, "mask", plan.video_shape, allow_single_channel=True)
+    wants_grad = torch.is_grad_enabled()
+    cast_trainable = layerwise_cast_trainable_parameters(adapter.model) if wants_grad else []
+    if cast_trainable:
+        raise ValueError(f"vae_or_decoder: {len(cast_trainable)} parameters that require grad (e.g. "
+                         f"{cast_trainable[0]!r}) are stored with diffusers' layerwise casting, which defines no "
+                         f"gradient for a low-precision stored weight: freeze them (requires_grad_(False)) to train "
+                         f"through a frozen cast decoder, or disable layerwise casting to fine-tune it")
+    target_source = FrameSource(target, "target", plan.video_shape, constant=wants_grad)
+    mask_source = optional_source(mask, "mask", plan.video_shape, allow_single_channel=True, constant=wants_grad,
+                                  weights=True)
     video_loss = VideoLoss(adapter, plan, terms, target_source, mask_source, reduction, clamp, supervised)
+    # Only the sliding schedule runs a step more than once.
+    replay = ReplayedRandomness(latents.device, d + 1) if schedule == "sliding" and d >= 0 else None
     engine = _ext.load_extension().Engine(
-        _checked_step(adapter, plan), video_loss, list(plan.group_bounds), supervised, d, schedule,
+        engine_step(adapter, plan, replay), video_loss, list(plan.group_bounds), supervised, d, schedule,
         adapter.initial_state(), 2)
-    if torch.is_grad_enabled():
+    if wants_grad:
         return engine.loss(latents, adapter.parameters())
     return engine.evaluate(latents)
 
@@ -135,7 +169,7 @@ def decode(
     handed over as they are made and nothing is returned (streaming).
     """
     adapter, plan = _prepare(vae_or_decoder, latents)
-    step = _checked_step(adapter, plan)
+    step = engine_step(adapter, plan)
     video = None
     with torch.no_grad():
         state = adapter.initial_state()

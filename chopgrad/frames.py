@@ -15,12 +15,18 @@ class FrameSource:
     prediction's device per step (so a video on the CPU never has to fit on
     the GPU). A callable `frame_slice -> tensor` is validated on every call.
     With `allow_single_channel`, a channel dim of 1 broadcasts (masks).
+    With `constant`, a tensor that requires grad is an error: no gradient is
+    delivered to it, and dropping one silently would be wrong. With
+    `weights`, values must be finite and non-negative.
     """
 
-    def __init__(self, source: FrameInput, name: str, video_shape: tuple, *, allow_single_channel: bool = False):
+    def __init__(self, source: FrameInput, name: str, video_shape: tuple, *, allow_single_channel: bool = False,
+                 constant: bool = False, weights: bool = False):
         self.name = name
         self.video_shape = tuple(video_shape)
         self.allow_single_channel = allow_single_channel
+        self.constant = constant
+        self.weights = weights
         if isinstance(source, torch.Tensor):
             self._check(source, self.video_shape, whole_video=True)
             self.tensor, self.fn = source, None
@@ -46,6 +52,17 @@ class FrameSource:
         if not ok:
             raise ValueError(f"{self.name} must match {what}: expected shape {self._expected(shape[2])}, "
                              f"got {tuple(t.shape)}")
+        if self.constant and t.requires_grad:
+            raise ValueError(f"{self.name} requires grad, but pixel_loss delivers no gradient to the {self.name} "
+                             f"(only to the latents and decoder parameters): pass {self.name}.detach(), or compute "
+                             f"a loss on a learned {self.name} yourself")
+        if self.weights and t.dtype != torch.bool:
+            with torch.no_grad():
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{self.name} contains NaN or Inf values; weights must be finite and >= 0")
+                if bool((t < 0).any()):
+                    raise ValueError(f"{self.name} has negative values (min {float(t.min()):g}); "
+                                     f"weights must be >= 0")
 
     def get(self, frames: slice, like: torch.Tensor) -> torch.Tensor:
         if self.fn is None:

@@ -59,7 +59,7 @@ class VideoLoss:
                     device = self.mask.tensor.device if self.mask.tensor is not None else "cpu"
                     m = self.mask.get(self.plan.frame_slice(g), like=torch.empty(0, device=device))
                     total += float(m.float().sum()) * (c if m.shape[1] == 1 else 1)
-        # An all-zero mask supervises nothing: the loss and its gradient are zero.
+        # An all-zero mask supervises no pixel: the elementwise terms and their gradient are 0, not 0/0.
         return total if total > 0 else 1.0
 
     def _ssim_scale(self) -> float:
@@ -74,7 +74,7 @@ class VideoLoss:
         mask = None if self.mask is None else self.mask.get(frames, like=raw_frames)
         if self.fused:
             return self._fused(raw_frames, target, mask, need_grad)
-        return self._autograd(step, raw_frames, target, mask)
+        return self._autograd(step, raw_frames, target, mask, need_grad)
 
     def _fused(self, raw, target, mask, need_grad):
         target = target.to(raw.dtype)
@@ -103,7 +103,7 @@ class VideoLoss:
             grad = grad.add_(ssim_grad)
         return value + sums.sum() / self.element_denominator, grad
 
-    def _autograd(self, step, raw, target, mask):
+    def _autograd(self, step, raw, target, mask, need_grad):
         pred = self.adapter.clamp(raw) if self.clamp else raw
         total = torch.zeros((), device=pred.device, dtype=torch.float32)
         if self.pixel_weights:
@@ -127,5 +127,10 @@ class VideoLoss:
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
                 raise ValueError(f"loss: the callable {getattr(term.fn, '__name__', term.fn)!r} must return a scalar "
                                  f"tensor, got {type(value).__name__} of shape {getattr(value, 'shape', None)}")
+            if need_grad and pred.requires_grad and not value.requires_grad:
+                raise ValueError(f"loss: the callable {getattr(term.fn, '__name__', term.fn)!r} returned a value with "
+                                 f"no graph (requires_grad=False) while gradients are wanted, so it would contribute "
+                                 f"no gradient: compute it from pred with differentiable torch ops (no .detach(), "
+                                 f".item() or numpy round trip)")
             total = total + term.weight * share * value.reshape(()).float()
         return total

@@ -318,6 +318,12 @@ class TruncatedLoss : public torch::autograd::Function<TruncatedLoss> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    // The gradient was computed during forward and has no graph of its own:
+    // a second-order use would silently see a constant.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "chopgrad: double backward is not supported: the truncated gradient is computed during forward "
+                "and carries no graph, so create_graph=True (e.g. a gradient penalty) would silently get zero "
+                "second-order terms. Use create_graph=False.");
     auto saved = ctx->get_saved_variables();
     const at::Tensor& go = grad_outputs[0];
     torch::autograd::variable_list result;

@@ -82,7 +82,8 @@ class Engine {
 
   // Differentiable video loss: a 0-dim tensor whose backward delivers the
   // truncated gradient to `latents` and to every tensor in `params` that
-  // requires grad (scaled by the incoming gradient).
+  // requires grad (scaled by the incoming gradient). Double backward
+  // (create_graph=True) raises: the gradient is computed here and has no graph.
   at::Tensor loss(const at::Tensor& latents, const std::vector<at::Tensor>& params);
 
   // The same loss value with no graph and no gradient work.

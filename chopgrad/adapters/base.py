@@ -86,6 +86,63 @@ class DecoderAdapter:
             return frames
         return frames.clamp(*self.clamp_range)
 
+    def compute_device(self) -> Optional[torch.device]:
+        """The device the step computes on (latents must be there), or None when unknown.
+
+        Offloaded weights rest elsewhere between calls, so the onload device
+        of diffusers' group offloading or accelerate's execution device wins
+        over where the parameters happen to lie.
+        """
+        if self.model is not None:
+            hooked = _hooked_execution_device(self.model)
+            if hooked is not None:
+                return _with_index(hooked)
+        for p in self.parameters():
+            return _with_index(p.device)
+        return None
+
+
+def layerwise_cast_trainable_parameters(model: Optional[torch.nn.Module]) -> list[str]:
+    """Names of parameters that require grad in modules with diffusers' layerwise casting.
+
+    Such a weight is stored in a low-precision dtype and only cast up while
+    its module runs, so no gradient of the stored weight is defined.
+    """
+    if model is None:
+        return []
+    names = []
+    for module_name, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None or registry.get_hook("layerwise_casting") is None:
+            continue
+        names += [f"{module_name}.{n}".lstrip(".") for n, p in module.named_parameters(recurse=False)
+                  if p.requires_grad]
+    return names
+
+
+def _with_index(device) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        module = torch.get_device_module(device.type)
+        device = torch.device(device.type, module.current_device())
+    return device
+
+
+def _hooked_execution_device(model: torch.nn.Module):
+    try:
+        from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
+    except ImportError:  # pragma: no cover - older diffusers
+        _get_top_level_group_offload_hook = None
+    if _get_top_level_group_offload_hook is not None:
+        hook = _get_top_level_group_offload_hook(model)
+        if hook is not None:
+            return hook.config.onload_device
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return device
+    return None
+
 
 def check_latents(latents, *, channels: int, name: str = "latents") -> None:
     """Shared validation of a (B, C, T, h, w) latent tensor."""

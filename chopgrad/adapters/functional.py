@@ -72,7 +72,21 @@ class FunctionalAdapter(DecoderAdapter):
         return list(self._initial_state)
 
     def step(self, index: int, latent_group: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        frames, next_state = self._step(index, latent_group, list(state))
+        result = self._step(index, latent_group, list(state))
+        name = getattr(self._step, "__qualname__", None) or type(self._step).__name__
+        expected = ("must return (frames, next_state): frames a (B, C, f, H, W) tensor, next_state a list of "
+                    "tensors or None")
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            got = f"a {len(result)}-tuple" if isinstance(result, (tuple, list)) else type(result).__name__
+            raise TypeError(f"FunctionalAdapter: the step function {name!r} {expected}; step {index} returned {got}")
+        frames, next_state = result
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"FunctionalAdapter: the step function {name!r} {expected}; step {index} returned "
+                            f"frames of type {type(frames).__name__}")
+        if not isinstance(next_state, (list, tuple)) or not all(
+                s is None or isinstance(s, torch.Tensor) for s in next_state):
+            raise TypeError(f"FunctionalAdapter: the step function {name!r} {expected}; step {index} returned "
+                            f"next_state of type {type(next_state).__name__}")
         return frames, list(next_state)
 
     def parameters(self) -> list[torch.nn.Parameter]:
