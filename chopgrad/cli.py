@@ -1,16 +1,20 @@
 """The `chopgrad` console script: `chopgrad bench`, `chopgrad probe`, `chopgrad info`.
 
-This module only parses arguments and calls chopgrad.bench.bench, chopgrad.probe
-and chopgrad.info.
+This module parses and checks the arguments and calls chopgrad.bench.bench,
+chopgrad.probe and chopgrad.info. Every invalid argument (including a model
+folder, frame count or output path that could only fail later) is reported
+before any work starts, as one `error: ...` line on stderr with exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 DTYPE_CHOICES = ("fp32", "bf16")
 
@@ -35,99 +39,220 @@ _nonneg_int = _number(int, minimum=0, strict=False, what="an integer >= 0")
 _positive_float = _number(float, minimum=0.0, strict=True, what="a positive number")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "(default" in text or default is None or default is False
+                or default == argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors print this (sub)command's usage and one `error: ...` line, exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def fail(message: str) -> NoReturn:
+    """An invalid argument found after parsing (a model folder, frame count, output path): one line, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="'default' (chopgrad's small trained Wan 2.1 VAE), 'tiny-wan21' (random weights), "
-                        "or PATH of a local diffusers VAE folder (save_pretrained / from_pretrained layout)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="model and input dtype (default: fp32)")
+                        "or PATH of a local diffusers AutoencoderKLWan / AutoencoderKLCogVideoX folder "
+                        "(save_pretrained layout: config.json + diffusion_pytorch_model.safetensors or .bin)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="model and input dtype")
+
+
+def _grid(values) -> str:
+    return " ".join(map(str, values))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chopgrad", description="ChopGrad: truncated backprop through "
-                                     "causal-cache video VAE decoders. Tools to measure it on your model.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,probe,info}")
-    sub.required = True
+    from chopgrad.bench.bench import FULL_D_TRUNCS, FULL_FRAMES, FULL_SIZES, QUICK_D_TRUNCS, QUICK_FRAMES, QUICK_SIZES
 
-    b = sub.add_parser("bench", help="peak memory, time and gradient fidelity of one pixel-loss training step, "
-                                     "per method, each in a fresh subprocess")
+    parser = _Parser(prog="chopgrad", description="ChopGrad: truncated backprop through causal-cache video VAE "
+                     "decoders. Tools to measure it on your model.",
+                     epilog="Run 'chopgrad COMMAND --help' for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    bench_help = ("peak memory, time and gradient fidelity of one pixel-loss training step, per method, "
+                  "each in a fresh subprocess")
+    b = sub.add_parser("bench", help=bench_help, description=bench_help)
     _add_model_args(b)
-    b.add_argument("--quick", action="store_true", help="small grid (17 and 129 frames, 32x32, d_trunc 0 and 1); "
-                                                        "a few minutes on 2 CPU cores")
-    b.add_argument("--frames", type=_positive_int, nargs="+", help="pixel frame counts (Wan: 1 + 4k)")
-    b.add_argument("--sizes", type=_positive_int, nargs="+", help="square resolutions in pixels (e.g. 64 128)")
-    b.add_argument("--d-trunc", dest="d_truncs", type=_nonneg_int, nargs="+", help="truncation distances")
-    b.add_argument("--schedules", nargs="+", choices=("sliding", "chunked"), default=["sliding", "chunked"])
+    b.add_argument("--quick", action="store_true",
+                   help=f"small grid (frames {_grid(QUICK_FRAMES)}, sizes {_grid(QUICK_SIZES)}, d_trunc "
+                        f"{_grid(QUICK_D_TRUNCS)}); a few minutes on 2 CPU cores")
+    b.add_argument("--frames", type=_positive_int, nargs="+",
+                   help=f"pixel frame counts (Wan: 1 + 4k; CogVideoX: 1, 8k or 8k + 1) (default: "
+                        f"{_grid(FULL_FRAMES)}; with --quick: {_grid(QUICK_FRAMES)})")
+    b.add_argument("--sizes", type=_positive_int, nargs="+",
+                   help=f"square resolutions in pixels (default: {_grid(FULL_SIZES)}; with --quick: "
+                        f"{_grid(QUICK_SIZES)})")
+    b.add_argument("--d-trunc", dest="d_truncs", type=_nonneg_int, nargs="+",
+                   help=f"truncation distances of chopgrad's methods (default: {_grid(FULL_D_TRUNCS)}; with "
+                        f"--quick: {_grid(QUICK_D_TRUNCS)})")
+    b.add_argument("--schedules", nargs="+", choices=("sliding", "chunked"), default=["sliding", "chunked"],
+                   help="chopgrad schedules to measure")
     b.add_argument("--baselines", nargs="*", choices=("full", "checkpoint"), default=["full", "checkpoint"],
-                   help="baseline methods (default: full checkpoint; full backprop is the fidelity reference)")
-    b.add_argument("--repeats", type=_positive_int,
+                   help="baseline methods; full backprop is the fidelity reference (give none to skip them)")
+    b.add_argument("--repeats", type=_positive_int, default=3,
                    help="timed steps per configuration after the memory-measured step (run with glibc's usual "
-                   "allocator thresholds, unlike the memory step); their median is reported (default: 3)")
+                   "allocator thresholds, unlike the memory step); their median is reported")
     b.add_argument("--warmup", type=_nonneg_int, default=0,
                    help="untimed full steps before the measured one (a short step on the first 3 latent frames "
                    "always runs first, so one-time library and cache costs are not counted)")
     b.add_argument("--memory-budget", type=_positive_float, metavar="GB",
                    help="a configuration above this peak (RSS on CPU, allocator on CUDA) is reported as OOM "
                         "(default: 80%% of available RAM / GPU memory)")
-    b.add_argument("--timeout", type=_positive_float, default=1800.0, help="seconds per configuration")
+    b.add_argument("--timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
+                   help="wall-clock limit per configuration; one that runs longer is reported as timeout")
     b.add_argument("--threads", type=_positive_int, help="CPU threads per worker (default: the cores not busy "
                                                          "with other processes, from the load average)")
-    b.add_argument("--out", default="bench_out", help="output folder (default: bench_out/)")
+    b.add_argument("--out", default="bench_out", metavar="DIR",
+                   help="output folder for results.json, results.md and the plots (created if missing)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; one line per configuration on stderr instead")
     b.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("probe", help="temporal locality of the decoder: influence vs distance, exp fit, "
-                                     "recommended d_trunc, truncated-gradient fidelity")
+    probe_help = ("temporal locality of the decoder: influence vs distance, exp fit, recommended d_trunc, "
+                  "truncated-gradient fidelity")
+    p = sub.add_parser("probe", help=probe_help, description=probe_help)
     _add_model_args(p)
-    p.add_argument("--frames", type=_positive_int, default=33, help="pixel frames (default: 33)")
-    p.add_argument("--size", type=_positive_int, default=64, help="square resolution in pixels (default: 64)")
-    p.add_argument("--eps", type=_positive_float, default=1e-3, help="tolerance for the recommended d_trunc")
-    p.add_argument("--max-distance", type=_nonneg_int, help="largest distance measured (default: all)")
-    p.add_argument("--max-d-trunc", type=_nonneg_int, default=4, help="fidelity for d_trunc 0..N (default: 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=_positive_int, default=33,
+                   help="pixel frames (Wan: 1 + 4k; CogVideoX: 1, 8k or 8k + 1)")
+    p.add_argument("--size", type=_positive_int, default=64, help="square resolution in pixels")
+    p.add_argument("--eps", type=_positive_float, default=1e-3,
+                   help="tolerance for the recommended d_trunc: the distance whose fitted influence is below it")
+    p.add_argument("--max-distance", type=_nonneg_int,
+                   help="largest distance measured (default: all, up to the number of decoder steps - 1)")
+    p.add_argument("--max-d-trunc", type=_nonneg_int, default=4, metavar="N",
+                   help="measure the truncated-gradient fidelity for d_trunc 0..N")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic input clip (and of the random latents of tiny-wan21)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: the cores not busy with other "
                                                          "processes, from the load average)")
-    p.add_argument("--out", default="probe_out", help="output folder (default: probe_out/)")
+    p.add_argument("--out", default="probe_out", metavar="DIR",
+                   help="output folder for probe.json, probe.md and probe.png (created if missing)")
     p.set_defaults(func=cmd_probe)
 
-    i = sub.add_parser("info", help="versions, C++ extension build status, CUDA, fused-op backends")
-    i.add_argument("--json", action="store_true", help="print JSON")
+    info_help = "versions, C++ extension build status, CUDA, fused-op backends"
+    i = sub.add_parser("info", help=info_help, description=info_help)
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=cmd_info)
     return parser
 
 
-def _check_device(parser, args) -> None:
+def _check_device(args) -> None:
     import torch
 
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        parser.error(f"--device must be 'cpu' or 'cuda[:N]', got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available (this torch build or machine has no usable GPU)")
-    if args.model not in ("default", "tiny-wan21") and not os.path.isdir(args.model):
-        parser.error(f"--model: {args.model!r} is neither 'default', 'tiny-wan21' nor an existing local folder")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        fail(f"--device must be 'cpu' or 'cuda[:N]', got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available (this torch build or machine has no usable GPU)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0 .. "
+             f"cuda:{torch.cuda.device_count() - 1})")
+
+
+def _check_model(args) -> None:
+    from chopgrad.bench.workloads import check_model_source
+
+    try:
+        check_model_source(args.model)
+    except ValueError as exc:
+        fail(f"--model: {exc}")
+
+
+def _load_model(name: str):
+    """load_model, with a failure inside diffusers (weights that do not fit the config, a corrupt file) as one line."""
+    from chopgrad.bench.workloads import load_model
+
+    try:
+        return load_model(name)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError) as exc:
+        first_line = next(iter(str(exc).strip().splitlines()), "")
+        fail(f"--model: could not load {name!r}: {type(exc).__name__}" + (f": {first_line}" if first_line else ""))
+
+
+def _check_shapes(vae, frames, sizes, *, size_option: str) -> None:
+    from chopgrad.bench.workloads import check_frames, check_sizes
+
+    try:
+        check_sizes(vae, sizes)
+    except ValueError as exc:
+        fail(f"{size_option}: {exc}")
+    try:
+        check_frames(vae, frames)
+    except ValueError as exc:
+        fail(f"--frames: {exc}")
+
+
+def _check_out(path: str, files) -> None:
+    """`--out` must be a folder that exists or can be created, in which each of `files` can be written."""
+    if not path:
+        fail("--out: empty path; give a folder")
+    if os.path.lexists(path) and not os.path.exists(path):
+        fail(f"--out: {path!r} is a broken symbolic link")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            fail(f"--out: {path!r} is an existing file; give a folder (existing or new) for {', '.join(files)}")
+        for name in files:
+            target = os.path.join(path, name)
+            if os.path.isdir(target):
+                fail(f"--out: {target!r} is a folder, so {name} cannot be written there")
+        if not os.access(path, os.W_OK | os.X_OK):
+            fail(f"--out: no permission to write in {path!r}")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"--out: {path!r} cannot be created: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out: {path!r} cannot be created: no permission to write in {parent!r}")
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def cmd_bench(parser, args) -> int:
+BENCH_FILES = ("results.json", "results.md", "memory_vs_frames.png", "time_vs_frames.png", "fidelity_vs_dtrunc.png")
+PROBE_FILES = ("probe.json", "probe.md", "probe.png")
+
+
+def cmd_bench(args) -> int:
     from chopgrad.bench.bench import BenchSettings, check_bars, format_table, run_bench, write_outputs
 
-    _check_device(parser, args)
+    _check_device(args)
+    _check_model(args)
+    _check_out(args.out, BENCH_FILES)
     settings = BenchSettings(
         model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, frames=args.frames,
         sizes=args.sizes, d_truncs=args.d_truncs, schedules=tuple(args.schedules),
         baselines=tuple(args.baselines), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
         memory_budget_bytes=int(args.memory_budget * 1e9) if args.memory_budget else None, timeout_s=args.timeout)
-    try:
-        from chopgrad.bench.bench import check_shapes
-        from chopgrad.bench.workloads import load_model
-
-        check_shapes(load_model(settings.model), settings.frames, settings.sizes)
-    except ValueError as exc:
-        parser.error(str(exc))
+    _check_shapes(_load_model(settings.model), settings.frames, settings.sizes, size_option="--sizes")
     measured: list[dict] = []
 
     def record(row: dict) -> None:
@@ -161,24 +286,26 @@ def cmd_bench(parser, args) -> int:
     return 0
 
 
-def cmd_probe(parser, args) -> int:
+def cmd_probe(args) -> int:
     import torch
 
-    from chopgrad.bench.bench import check_shapes, default_threads, is_trained
-    from chopgrad.bench.workloads import DTYPES, load_model, make_inputs
+    from chopgrad.bench.bench import default_threads, is_trained
+    from chopgrad.bench.workloads import DTYPES, make_inputs
     from chopgrad.probe import plot_probe, probe_locality
 
-    _check_device(parser, args)
+    _check_device(args)
+    _check_model(args)
+    _check_out(args.out, PROBE_FILES)
+    vae = _load_model(args.model)
+    _check_shapes(vae, [args.frames], [args.size], size_option="--size")
     torch.set_num_threads(args.threads or default_threads())
-    vae = load_model(args.model)
-    try:
-        check_shapes(vae, [args.frames], [args.size])
-    except ValueError as exc:
-        parser.error(str(exc))
     latents, target = make_inputs(vae, args.frames, args.size, args.size, seed=args.seed,
                                   encode=is_trained(args.model))
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    vae = vae.to(device=device, dtype=dtype)
+    vae = vae.to(device=device)
+    if dtype != torch.float32:
+        # only cast when asked: diffusers logs a "should be kept in float32" warning on every dtype cast
+        vae = vae.to(dtype=dtype)
     result = probe_locality(vae, latents.to(device, dtype), target.to(device, dtype), max_distance=args.max_distance,
                             eps=args.eps, d_truncs=range(args.max_d_trunc + 1))
     os.makedirs(args.out, exist_ok=True)
@@ -195,7 +322,7 @@ def cmd_probe(parser, args) -> int:
     return 0
 
 
-def cmd_info(parser, args) -> int:
+def cmd_info(args) -> int:
     from chopgrad.info import collect_info, format_info
 
     info = collect_info()
@@ -205,9 +332,32 @@ def cmd_info(parser, args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # errors name the subcommand
-    return int(args.func(sub, args) or 0)
+    # Unknown options are reported by the subcommand they were given to, with
+    # its usage; a plain parse_args would show only the top-level usage.
+    args, unknown = parser.parse_known_args(argv)
+    if args.command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.print_help(sys.stderr)
+        fail("a command is required: bench, probe or info")
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    if unknown:
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestion(sub, unknown)}")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _suggestion(parser: argparse.ArgumentParser, unknown) -> str:
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""`chopgrad bench|probe|info` end to end on tiny sizes (every bench configuration is a real subprocess)."""
+"""`chopgrad bench|probe|info` end to end on tiny sizes (every bench configuration is a real subprocess),
+and how they reject invalid arguments."""
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,9 +105,10 @@ def test_bench_local_diffusers_folder(tmp_path, capsys):
     (["bench", "--model", "tiny-wan21", "--frames", "5", "--sizes", "12"], "multiple"),
     (["bench", "--dtype", "fp8"], "invalid choice"),
     (["bench", "--frames", "0"], "positive integer"),
-    (["bench", "--model", "/no/such/folder"], "neither"),
+    (["bench", "--model", "/no/such/folder"], "does not exist"),
     (["probe", "--model", "tiny-wan21", "--frames", "10"], "1 + 4k"),
     (["bench", "--device", "tpu"], "cpu"),
+    (["probe", "--device", "cuda:x"], "--device must be 'cpu' or 'cuda[:N]', got 'cuda:x'"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -198,3 +201,274 @@ def test_default_threads_counts_the_busiest_load_average(monkeypatch, loads, cor
     monkeypatch.setattr(os, "getloadavg", lambda: loads)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert default_threads() == expected
+
+
+# ----------------------------------------------------------------------------- argument errors
+#
+# Every invalid argument ends the run with exit code 2 and one `error: ...` line
+# on stderr before any work starts: the fixture `no_work` fails a test that
+# reaches input preparation, the probe or the benchmark loop.
+
+
+def expect_usage_error(capsys, argv) -> tuple[str, str]:
+    """Runs the CLI on `argv` expecting a clean usage error; returns (the error line, all of stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exc.value.code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, captured.err
+    return errors[0], captured.err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    import chopgrad.bench.bench
+    import chopgrad.bench.workloads
+    import chopgrad.probe
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(chopgrad.bench.workloads, "make_inputs", forbidden)
+    monkeypatch.setattr(chopgrad.probe, "probe_locality", forbidden)
+    monkeypatch.setattr(chopgrad.bench.bench, "run_bench", forbidden)
+
+
+@pytest.fixture(scope="module")
+def cogvideox_folder(tmp_path_factory):
+    """A tiny random AutoencoderKLCogVideoX saved with save_pretrained (safetensors)."""
+    from tiny_models import tiny_cogvideox
+
+    folder = tmp_path_factory.mktemp("models") / "cogvideox"
+    tiny_cogvideox().save_pretrained(str(folder))
+    return folder
+
+
+def _model_folder(kind: str, tmp_path, source) -> str:
+    folder = tmp_path / kind
+    if kind == "missing":
+        return str(folder)
+    if kind == "file":
+        folder.write_text("not a model")
+        return str(folder)
+    folder.mkdir()
+    config, weights = source / "config.json", source / "diffusion_pytorch_model.safetensors"
+    if kind in ("no_config", "unsupported", "bad_json", "broken_weights"):
+        shutil.copy(weights, folder)
+    if kind in ("no_weights", "weight_variant_only", "broken_weights"):
+        shutil.copy(config, folder)
+    if kind == "unsupported":
+        (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4}))
+    if kind == "bad_json":
+        (folder / "config.json").write_text("{not json")
+    if kind == "weight_variant_only":
+        shutil.copy(weights, folder / "diffusion_pytorch_model.fp16.safetensors")
+    if kind == "broken_weights":
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"truncated download")
+    if kind == "missing_shard":
+        shutil.copy(config, folder)
+        index = {"metadata": {}, "weight_map": {"a": "part-1.safetensors", "b": "part-2.safetensors"}}
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+        shutil.copy(weights, folder / "part-1.safetensors")
+    return str(folder)
+
+
+@pytest.mark.parametrize("command", ["probe", "bench"])
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"),
+    ("file", "is a file"),
+    ("empty", "has no config.json and no weights (diffusion_pytorch_model.safetensors or .bin)"),
+    ("no_config", "has weights but no config.json"),
+    ("no_weights", "has config.json but no weights: expected diffusion_pytorch_model.safetensors or "
+                   "diffusion_pytorch_model.bin"),
+    ("weight_variant_only", "only weight variants (diffusion_pytorch_model.fp16.safetensors)"),
+    ("unsupported", "is for class AutoencoderKL (`_class_name`), which chopgrad has no adapter for; "
+                    "supported: AutoencoderKLWan, AutoencoderKLCogVideoX"),
+    ("bad_json", "is not a readable JSON config"),
+    ("broken_weights", "could not load"),
+    ("missing_shard", "is missing 1 of the 2 weight shards listed in diffusion_pytorch_model.safetensors.index.json: "
+                      "part-2.safetensors"),
+])
+def test_unusable_model_folder_is_one_error_line(command, kind, message, tmp_path, cogvideox_folder, capsys,
+                                                  no_work):
+    folder = _model_folder(kind, tmp_path, cogvideox_folder)
+    line, _ = expect_usage_error(capsys, [command, "--model", folder, "--out", str(tmp_path / "out")])
+    assert line.startswith("error: --model: ") and folder in line and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_folder_points_at_its_vae(tmp_path, cogvideox_folder, capsys, no_work):
+    shutil.copytree(cogvideox_folder, tmp_path / "pipeline" / "vae")
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    line, _ = expect_usage_error(capsys, ["probe", "--model", str(tmp_path / "pipeline")])
+    assert f"pass its VAE, {str(tmp_path / 'pipeline' / 'vae')!r}" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["probe", "--frames", "13", "--size", "16"], "cannot decode 13 frames; nearest valid counts: 9 and 16"),
+    (["bench", "--frames", "17", "12", "--sizes", "16"], "cannot decode 12 frames; nearest valid counts: 9 and 16"),
+    (["probe", "--frames", "2", "--size", "16"], "cannot decode 2 frames; nearest valid counts: 1 and 8"),
+])
+def test_cogvideox_frame_count_it_cannot_decode_is_one_error_line(argv, message, cogvideox_folder, tmp_path,
+                                                                   capsys, no_work):
+    line, _ = expect_usage_error(capsys, [*argv, "--model", str(cogvideox_folder), "--out", str(tmp_path / "out")])
+    assert line.startswith("error: --frames: this AutoencoderKLCogVideoX ") and message in line, line
+    assert "(valid: 1, 8k or 8k + 1; it decodes chunks of 2 latent frames to 8 frames each" in line
+
+
+def test_cogvideox_decodable_frame_counts_are_those_its_encode_and_decode_round_trip(cogvideox_folder):
+    from chopgrad.bench.workloads import is_decodable, load_model, nearest_decodable
+
+    vae = load_model(str(cogvideox_folder))
+    for frames in range(1, 27):
+        with torch.no_grad():
+            latents = vae.encode(torch.zeros(1, 3, frames, 4, 4)).latent_dist.mode()
+            decoded = vae.decode(latents).sample.shape[2]
+        assert is_decodable(vae, frames) == (decoded == frames) == (frames == 1 or frames % 8 in (0, 1)), frames
+    assert nearest_decodable(vae, 13) == (9, 16) and nearest_decodable(vae, 30) == (25, 32)
+    assert nearest_decodable(vae, 1) == (None, 8)
+
+
+@pytest.mark.parametrize("command", ["probe", "bench"])
+@pytest.mark.parametrize("layout, message", [
+    ("existing_file", "is an existing file; give a folder"),
+    ("under_a_file", "cannot be created: {parent!r} is a file, not a folder"),
+    ("output_name_is_a_folder", "is a folder, so {name} cannot be written there"),
+])
+def test_unusable_out_path_is_one_error_line_before_any_work(command, layout, message, tmp_path, capsys, no_work):
+    name = "probe.json" if command == "probe" else "results.json"
+    blocker = tmp_path / "blocker"
+    if layout == "existing_file":
+        blocker.write_text("")
+        out = blocker
+    elif layout == "under_a_file":
+        blocker.write_text("")
+        out = blocker / "out"
+    else:
+        (blocker / name).mkdir(parents=True)
+        out = blocker
+    sizes = ["--size", "16"] if command == "probe" else ["--sizes", "16"]
+    line, _ = expect_usage_error(capsys, [command, "--model", "tiny-wan21", "--frames", "5", *sizes,
+                                          "--out", str(out)])
+    assert line.startswith("error: --out: ") and str(out) in line, line
+    assert message.format(parent=str(blocker), name=name) in line, line
+
+
+class _Reached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", ["probe", "bench"])
+def test_valid_arguments_reach_the_work(command, cogvideox_folder, tmp_path, monkeypatch):
+    """The checks accept an existing output folder, a missing parent and a frame count CogVideoX decodes."""
+    import chopgrad.bench.bench
+    import chopgrad.bench.workloads
+
+    def reached(*args, **kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(chopgrad.bench.workloads, "make_inputs", reached)
+    monkeypatch.setattr(chopgrad.bench.bench, "run_bench", reached)
+    sizes = ["--size", "16"] if command == "probe" else ["--sizes", "16"]
+    for out in (tmp_path, tmp_path / "new" / "nested"):
+        with pytest.raises(_Reached):
+            main([command, "--model", str(cogvideox_folder), "--frames", "16", *sizes, "--out", str(out)])
+
+
+def test_local_folder_with_pickle_weights_loads_without_diffusers_errors(tmp_path, capfd):
+    from tiny_models import tiny_cogvideox
+
+    from chopgrad.bench.workloads import check_model_source, load_model
+
+    tiny_cogvideox().save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").exists()
+    check_model_source(str(tmp_path))
+    assert type(load_model(str(tmp_path))).__name__ == "AutoencoderKLCogVideoX"
+    assert "error" not in capfd.readouterr().err.lower()
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("probe", ["--eps EPS tolerance for the recommended d_trunc", "(default: 0.001)", "(default: 33)",
+               "(default: 64)", "(default: 4)", "seed of the synthetic input clip", "(default: probe_out)",
+               "(default: default)", "(default: cpu)", "(default: fp32)", "(default: all,"]),
+    ("bench", ["(default: 1800.0)", "(default: 17 33 65 129; with --quick: 17 129)",
+               "(default: 64 128; with --quick: 32)", "(default: 0 1 2; with --quick: 0 1)",
+               "(default: sliding chunked)", "(default: full checkpoint)", "(default: 3)", "(default: 0)",
+               "(default: bench_out)", "(default: 80% of available RAM"]),
+    ("info", ["--json print JSON instead of text"]),
+])
+def test_help_gives_every_option_a_text_and_its_default(command, defaults, capsys):
+    from chopgrad.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = _normalised(capsys.readouterr().out)
+    assert text.startswith(f"usage: chopgrad {command} ")
+    for expected in defaults:
+        assert expected in text, expected
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    formatter = sub.formatter_class(sub.prog)
+    for action in sub._actions:
+        assert action.help, action.option_strings
+        if action.nargs != 0:  # takes a value, so it has a default to show
+            assert "(default" in formatter._get_help_string(action), action.option_strings
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = _normalised(capsys.readouterr().out)
+    for command in ("bench peak memory", "probe temporal locality", "info versions"):
+        assert command in text
+    assert "chopgrad COMMAND --help" in text
+
+
+def test_no_command_shows_the_commands_and_one_error_line(capsys):
+    line, err = expect_usage_error(capsys, [])
+    assert line == "error: a command is required: bench, probe or info"
+    assert "probe temporal locality" in _normalised(err)
+
+
+@pytest.mark.parametrize("argv, usage, error", [
+    (["probe", "--epss", "1"], "usage: chopgrad probe [-h]",
+     "error: unrecognized arguments: --epss 1 (did you mean --eps?)"),
+    (["bench", "--model", "tiny-wan21", "--quik"], "usage: chopgrad bench [-h]",
+     "error: unrecognized arguments: --quik (did you mean --quick?)"),
+    (["info", "--jsn"], "usage: chopgrad info [-h]", "error: unrecognized arguments: --jsn (did you mean --json?)"),
+    (["probe", "--frames", "x"], "usage: chopgrad probe [-h]",
+     "error: argument --frames: expected a positive integer, got 'x'"),
+])
+def test_misspelt_option_shows_the_subcommand_usage(argv, usage, error, capsys, no_work):
+    line, err = expect_usage_error(capsys, argv)
+    assert err.startswith(usage) and line == error, err
+
+
+def test_console_script_prints_one_error_line_and_no_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "chopgrad", "probe", "--model", str(tmp_path / "empty")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"error: --model: folder {str(tmp_path / 'empty')!r} has no config.json and no weights "
+        "(diffusion_pytorch_model.safetensors or .bin); a diffusers VAE folder holds both (save_pretrained layout: "
+        "config.json + diffusion_pytorch_model.safetensors or .bin)"]
+
+
+def test_probe_interrupted_is_one_line_and_exit_code_130(monkeypatch, tmp_path, capsys):
+    import chopgrad.probe
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chopgrad.probe, "probe_locality", interrupted)
+    assert main(["probe", "--model", "tiny-wan21", "--frames", "5", "--size", "16", "--out", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "interrupted" and "Traceback" not in captured.out

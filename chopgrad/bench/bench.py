@@ -26,7 +26,7 @@ import torch
 
 from .methods import method_label
 from .runner import run_isolated
-from .workloads import load_model, make_inputs
+from .workloads import check_frames, check_sizes, load_model, make_inputs
 
 QUICK_FRAMES = (17, 129)
 QUICK_SIZES = (32,)
@@ -138,20 +138,8 @@ def is_trained(model: str) -> bool:
 
 def check_shapes(vae, frames, sizes) -> None:
     """Raises ValueError with a clear message for frame counts / sizes the model cannot decode to."""
-    from .workloads import latent_shape
-
-    cfg = vae.config
-    if hasattr(cfg, "z_dim"):
-        s_factor = 2 ** (len(cfg.dim_mult) - 1) * (getattr(cfg, "patch_size", None) or 1)
-    else:
-        s_factor = 2 ** (len(cfg.block_out_channels) - 1)
-    for size in sizes:
-        if size <= 0 or size % s_factor:
-            raise ValueError(f"size {size} must be a positive multiple of the model's spatial factor {s_factor}")
-    for f in frames:
-        if f < 1:
-            raise ValueError(f"frames must be positive, got {f}")
-        latent_shape(vae, f, sizes[0], sizes[0])
+    check_sizes(vae, sizes)
+    check_frames(vae, frames)
 
 
 def _fidelity(grad: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -377,7 +365,7 @@ def plot_results(rows: list[dict], out_dir: str) -> dict:
 
 
 def check_bars(rows: list[dict], d_trunc: int = 1) -> list[tuple[str, Optional[bool], str]]:
-    """The issue's acceptance bars, evaluated on the largest size: (name, passed or None, detail)."""
+    """The acceptance bars, evaluated on the largest size: (name, passed or None, detail)."""
     out = []
     if not rows:
         return out

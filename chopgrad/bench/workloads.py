@@ -2,6 +2,7 @@
 Wan 2.1 config, or a local diffusers VAE folder (`--model PATH`)."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -12,9 +13,20 @@ TINY_WAN21_CONFIG = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_bl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+BUILTIN_MODELS = ("default", "tiny-wan21")
+#: the diffusers classes chopgrad has adapters for (`chopgrad.wrap`)
+SUPPORTED_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
+PICKLE_NAME = "diffusion_pytorch_model.bin"
+#: the weight files diffusers' `from_pretrained` loads without a `variant`, in the order it looks for them
+WEIGHT_NAMES = (SAFETENSORS_NAME + ".index.json", SAFETENSORS_NAME, PICKLE_NAME + ".index.json", PICKLE_NAME)
+_FOLDER_LAYOUT = f"save_pretrained layout: {CONFIG_NAME} + {SAFETENSORS_NAME} or .bin"
+
 
 def load_model(name: str, device="cpu", dtype=torch.float32):
     """`name`: "default" (shipped trained VAE), "tiny-wan21" (random weights), or a local folder."""
+    check_model_source(name)
     if name == "default":
         from chopgrad.models import default_vae
 
@@ -24,45 +36,176 @@ def load_model(name: str, device="cpu", dtype=torch.float32):
 
         torch.manual_seed(0)
         vae = AutoencoderKLWan(**TINY_WAN21_CONFIG)
-    elif os.path.isdir(name):
-        vae = _load_local(name)
     else:
-        raise ValueError(f"model must be 'default', 'tiny-wan21' or a local diffusers VAE folder, got {name!r}")
+        vae = _load_local(name)
     vae = vae.to(device=device)
     if dtype != next(vae.parameters()).dtype:
         vae = vae.to(dtype=dtype)
     return vae.eval()
 
 
-def _load_local(path: str):
-    """Loads a diffusers VAE folder (config.json + weights) without any network access."""
-    import json
+def check_model_source(name: str) -> None:
+    """Raises ValueError, naming the folder and what is wrong with it, unless `load_model(name)` can load it.
 
+    Looks only at file names and config.json, so it is instant; a folder that
+    passes can still fail to load if its weights do not match its config.
+    """
+    if name == "default":
+        from chopgrad.models import DEFAULT_VAE_WEIGHTS
+
+        if not os.path.isfile(DEFAULT_VAE_WEIGHTS):
+            raise ValueError(f"the built-in default model's weights {DEFAULT_VAE_WEIGHTS!r} are missing "
+                             "from this installation of chopgrad")
+        return
+    if name in BUILTIN_MODELS:
+        return
+    if not os.path.exists(name):
+        raise ValueError(f"{name!r} does not exist; expected {', '.join(map(repr, BUILTIN_MODELS))} or a local "
+                         f"diffusers VAE folder ({_FOLDER_LAYOUT})")
+    if not os.path.isdir(name):
+        hint = ""
+        if os.path.basename(name) in (CONFIG_NAME, *WEIGHT_NAMES):
+            hint = f"; pass the folder that holds it, {os.path.dirname(name) or '.'!r}"
+        raise ValueError(f"{name!r} is a file; expected a diffusers VAE folder ({_FOLDER_LAYOUT}){hint}")
+    config_path = os.path.join(name, CONFIG_NAME)
+    weights = [w for w in WEIGHT_NAMES if os.path.isfile(os.path.join(name, w))]
+    if not os.path.isfile(config_path):
+        missing = (f"has weights but no {CONFIG_NAME}" if weights else
+                   f"has no {CONFIG_NAME} and no weights ({SAFETENSORS_NAME} or .bin)")
+        hint = f"; a diffusers VAE folder holds both ({_FOLDER_LAYOUT})"
+        if os.path.isfile(os.path.join(name, "vae", CONFIG_NAME)):
+            hint = f"; it looks like a pipeline folder: pass its VAE, {os.path.join(name, 'vae')!r}"
+        raise ValueError(f"folder {name!r} {missing}{hint}")
+    class_name = _config_class_name(config_path)
+    if class_name not in SUPPORTED_CLASSES:
+        raise ValueError(f"the {CONFIG_NAME} of folder {name!r} is for class {class_name} (`_class_name`), which "
+                         f"chopgrad has no adapter for; supported: {', '.join(SUPPORTED_CLASSES)}")
+    if not weights:
+        variants = sorted(f for f in os.listdir(name) if f.startswith("diffusion_pytorch_model.")
+                          and f.endswith((".safetensors", ".bin")))
+        hint = (f"; it has only weight variants ({', '.join(variants)}), which are loaded under the plain name "
+                f"only: rename or link one to {SAFETENSORS_NAME}") if variants else ""
+        raise ValueError(f"folder {name!r} has {CONFIG_NAME} but no weights: expected {SAFETENSORS_NAME} or "
+                         f"{PICKLE_NAME} (or a sharded *.index.json with its shards){hint}")
+    if weights[0].endswith(".index.json"):
+        index_path = os.path.join(name, weights[0])
+        try:
+            with open(index_path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index_path!r} is not a readable shard index ({type(exc).__name__}: {exc})") from None
+        missing_shards = [s for s in shards if not os.path.isfile(os.path.join(name, s))]
+        if missing_shards:
+            raise ValueError(f"folder {name!r} is missing {len(missing_shards)} of the {len(shards)} weight shards "
+                             f"listed in {weights[0]}: {', '.join(missing_shards)}")
+
+
+def _config_class_name(config_path: str) -> str:
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{config_path!r} is not a readable JSON config ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path!r} is not a diffusers config (a JSON object)")
+    # save_pretrained always writes `_class_name`; a hand-written Wan config may lack it
+    return str(config.get("_class_name", "AutoencoderKLWan"))
+
+
+def _load_local(path: str):
+    """Loads a diffusers VAE folder that passed `check_model_source`, without any network access."""
     import diffusers
 
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"model folder {path!r} has no config.json (expected a diffusers `save_pretrained` folder)")
-    with open(config_path) as f:
-        class_name = json.load(f).get("_class_name", "AutoencoderKLWan")
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        raise ValueError(f"model folder {path!r}: unknown diffusers class {class_name!r}")
-    return cls.from_pretrained(path, local_files_only=True)
+    cls = getattr(diffusers, _config_class_name(os.path.join(path, CONFIG_NAME)))
+    # Name the format: left to guess, diffusers logs an error for a .bin-only
+    # folder before it falls back to the pickle file.
+    use_safetensors = any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_NAMES[:2])
+    return cls.from_pretrained(path, local_files_only=True, use_safetensors=use_safetensors)
+
+
+def _latent_channels(vae) -> int:
+    cfg = vae.config
+    return cfg.z_dim if hasattr(cfg, "z_dim") else cfg.latent_channels
+
+
+def _latent_frames(vae, frames: int) -> int:
+    """Latent frames the model's encoder turns `frames` pixel frames into (rounding down an invalid count)."""
+    cfg = vae.config
+    if hasattr(cfg, "z_dim"):  # Wan
+        return 1 + (frames - 1) // 2 ** sum(bool(t) for t in cfg.temperal_downsample)
+    return max(1, (frames - 1) // cfg.temporal_compression_ratio + 1)
+
+
+def decoded_frames(vae, latent_frames: int) -> int:
+    """Pixel frames the model's own decode yields for `latent_frames` latent frames."""
+    import chopgrad
+
+    probe = torch.zeros(1, _latent_channels(vae), latent_frames, 1, 1)
+    return chopgrad.wrap(vae).plan(probe).num_frames
+
+
+def is_decodable(vae, frames: int) -> bool:
+    """Whether a clip of `frames` pixel frames encodes to latents that decode back to exactly `frames` frames."""
+    return frames >= 1 and decoded_frames(vae, _latent_frames(vae, frames)) == frames
+
+
+def _frame_rule(vae) -> str:
+    cfg = vae.config
+    if hasattr(cfg, "z_dim"):
+        t = 2 ** sum(bool(x) for x in cfg.temperal_downsample)
+        return f"1 + {t}k; the first latent frame decodes to 1 frame, every further one to {t}"
+    chunk = vae.num_latent_frames_batch_size
+    per_chunk = decoded_frames(vae, chunk)
+    return (f"1, {per_chunk}k or {per_chunk}k + 1; it decodes chunks of {chunk} latent frames to {per_chunk} frames "
+            f"each, and with an odd number of latent frames the first chunk holds {chunk + 1}, decoding to "
+            f"{decoded_frames(vae, chunk + 1)}")
+
+
+def nearest_decodable(vae, frames: int) -> tuple:
+    """(largest decodable count below `frames` or None, smallest one above it)."""
+    t = _latent_frames(vae, max(frames, 1))
+    counts = [decoded_frames(vae, n) for n in range(max(1, t - 3), t + 4)]
+    valid = [c for c in counts if is_decodable(vae, c)]
+    below = [c for c in valid if c < frames]
+    above = [c for c in valid if c > frames]
+    return (max(below) if below else None, min(above) if above else None)
+
+
+def check_frames(vae, frames) -> None:
+    """Raises ValueError, with the valid counts nearest to it, for a frame count the model cannot decode."""
+    for f in frames:
+        if is_decodable(vae, f):
+            continue
+        below, above = nearest_decodable(vae, f)
+        nearest = " and ".join(str(c) for c in (below, above) if c is not None)
+        raise ValueError(f"this {type(vae).__name__} cannot decode {f} frames; nearest valid counts: {nearest} "
+                         f"(valid: {_frame_rule(vae)})")
+
+
+def spatial_factor(vae) -> int:
+    """Pixels per latent pixel along height and width."""
+    cfg = vae.config
+    if hasattr(cfg, "z_dim"):
+        return 2 ** (len(cfg.dim_mult) - 1) * (getattr(cfg, "patch_size", None) or 1)
+    return 2 ** (len(cfg.block_out_channels) - 1)
+
+
+def check_sizes(vae, sizes) -> None:
+    """Raises ValueError, with the nearest valid sizes, for a size that is not a multiple of the spatial factor."""
+    factor = spatial_factor(vae)
+    for size in sizes:
+        if size <= 0 or size % factor:
+            below, above = size // factor * factor, (size // factor + 1) * factor
+            nearest = " and ".join(str(s) for s in (below, above) if s > 0)
+            raise ValueError(f"size {size} is not a positive multiple of the model's spatial factor {factor}; "
+                             f"nearest valid: {nearest}")
 
 
 def latent_shape(vae, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
     """Latent shape that decodes to `frames` x `height` x `width` (Wan: frames = 1 + 4k)."""
-    cfg = vae.config
-    if hasattr(cfg, "z_dim"):  # Wan
-        t_factor = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
-        s_factor = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
-        if (frames - 1) % t_factor:
-            raise ValueError(f"frames must be 1 + {t_factor}k for this Wan VAE, got {frames}")
-        return (1, cfg.z_dim, 1 + (frames - 1) // t_factor, height // s_factor, width // s_factor)
-    t_factor = cfg.temporal_compression_ratio
-    s_factor = 2 ** (len(cfg.block_out_channels) - 1)
-    return (1, cfg.latent_channels, max(1, (frames - 1) // t_factor + 1), height // s_factor, width // s_factor)
+    check_frames(vae, [frames])
+    factor = spatial_factor(vae)
+    return (1, _latent_channels(vae), _latent_frames(vae, frames), height // factor, width // factor)
 
 
 def make_inputs(vae, frames: int, height: int, width: int, seed: int = 0, encode: bool = True):

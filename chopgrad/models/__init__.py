@@ -30,8 +30,8 @@ and 200 s (684 + 593 steps on batches of 16 full 64x64 clips alternating
 between 17 and 33 frames, lr 3e-4 then 2e-4); GPU runs are not bit-reproducible.
 
 Held-out reconstruction PSNR (seeds >= 10_000_000, 8 clips) is 22.6 dB at
-17x64x64 (23.2 dB at 17x128x128, 22.6 dB at 33x64x64): the 30 dB goal of
-issue 4 is not met -- it reconstructs layout, colours and motion, blurred,
+17x64x64 (23.2 dB at 17x128x128, 22.6 dB at 33x64x64), short of a 30 dB
+target: it reconstructs layout, colours and motion, blurred,
 without the finest texture. Its decoder has the temporal locality of a
 trained decoder: a latent perturbation's effect decays over later groups
 (a random decoder amplifies it), and the backward influence measured by
