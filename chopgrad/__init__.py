@@ -3,7 +3,7 @@
     loss = chopgrad.pixel_loss(vae, latents, target, loss="mse", d_trunc=1)
     loss.backward()
 
-See README.md and DESIGN.md for the gradient contract.
+See README.md and docs/design.md for the gradient contract.
 """
 from .adapters import (
     CogVideoXAdapter,

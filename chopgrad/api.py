@@ -86,7 +86,7 @@ def pixel_loss(
 
     Returns a 0-dim float32 tensor equal to `loss(vae.decode(latents).sample, target)`
     (over the supervised frames). Its backward delivers the gradient of
-    DESIGN.md section 2 to `latents` (so to whatever produced them) and to
+    docs/design.md section 2 to `latents` (so to whatever produced them) and to
     every decoder parameter with requires_grad: the loss of decoder step g
     reaches steps g-d_trunc .. g only. `d_trunc=None` gives the exact gradient.
 

@@ -7,7 +7,7 @@
 // value-and-grad losses). Gradients are taken inside forward with
 // torch::autograd::grad, step by step, into preallocated buffers, so the
 // memory held at any time is bounded by the truncation distance, not by the
-// number of steps. See DESIGN.md section 2 for the exact gradient contract.
+// number of steps. See docs/design.md section 2 for the exact gradient contract.
 #pragma once
 
 #include <torch/torch.h>

@@ -81,7 +81,7 @@ class NativeDecoder:
 
 
 def truncated_oracle(vae, latents, target, *, d_trunc, schedule, supervised=None, loss_fn=None):
-    """The truncated gradient of DESIGN.md section 2, one backward per supervised step.
+    """The truncated gradient of docs/design.md section 2, one backward per supervised step.
 
     For each supervised step g the state is recomputed from scratch without
     grad up to the truncation point (g - D for "sliding", the chunk start for
