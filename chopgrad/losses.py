@@ -17,8 +17,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-CHARBONNIER_EPS = 1e-3
-HUBER_DELTA = 1.0
+from .kernels.pixel_losses import CHARBONNIER_EPS, HUBER_DELTA, LOSS_KINDS
 
 
 def _mse(pred, target):
@@ -37,7 +36,7 @@ def _huber(pred, target):
     return torch.nn.functional.huber_loss(pred, target, reduction="none", delta=HUBER_DELTA)
 
 
-#: Elementwise PyTorch references of the built-in pixel losses (fp32 math).
+#: Elementwise autograd versions of the fused pixel losses, for the autograd path (fp32 math).
 ELEMENTWISE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": _mse,
     "l1": _l1,
@@ -48,7 +47,7 @@ ELEMENTWISE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 #: Frame-wise losses computed by fused value-and-grad ops ("ssim" means 1 - SSIM).
 FRAME_LOSSES = ("ssim",)
 
-LOSS_NAMES = tuple(ELEMENTWISE_LOSSES) + FRAME_LOSSES
+LOSS_NAMES = LOSS_KINDS + FRAME_LOSSES
 
 LossSpec = Union[str, Callable, dict]
 

@@ -21,8 +21,6 @@ from .adapters import DecodePlan, DecoderAdapter
 from .frames import FrameSource
 from .losses import CHARBONNIER_EPS, ELEMENTWISE_LOSSES, HUBER_DELTA, LossTerm
 
-SSIM_WINDOW = 11
-
 
 class VideoLoss:
     def __init__(self, adapter: DecoderAdapter, plan: DecodePlan, terms: list[LossTerm], target: FrameSource,
@@ -33,9 +31,10 @@ class VideoLoss:
         if any(t.is_ssim for t in terms):
             if mask is not None:
                 raise ValueError("mask is not supported with the 'ssim' loss (SSIM windows straddle masked pixels)")
-            if min(plan.height, plan.width) < SSIM_WINDOW:
-                raise ValueError(f"loss: 'ssim' needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
-                                 f"the decoded video is {plan.height}x{plan.width}")
+            try:
+                kernels.ssim.check_frame_size(plan.height, plan.width, what="decoded frames")
+            except ValueError as exc:
+                raise ValueError(f"loss: 'ssim': {exc}") from None
         self.supervised_frames = sum(f for f, s in zip(plan.frames_per_step, supervised) if s)
         self.element_denominator = 1.0
         if reduction == "mean" and any(t.elementwise for t in terms):

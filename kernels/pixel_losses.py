@@ -60,6 +60,12 @@ from ._dispatch import check_float_tensor, check_same, tl, triton, triton_kernel
 LOSS_KINDS = ("l1", "mse", "charbonnier", "huber")
 """Names accepted by ``kind`` (alone or as keys of a weight dict)."""
 
+CHARBONNIER_EPS = 1e-3
+"""Default ``eps`` of ``charbonnier``: ``sqrt(d**2 + eps**2)``."""
+
+HUBER_DELTA = 1.0
+"""Default ``delta`` of ``huber``: quadratic for ``|d| < delta``, linear beyond."""
+
 KindSpec = Union[str, Mapping[str, float]]
 
 
@@ -350,8 +356,8 @@ def pixel_loss_value_and_grad(
     *,
     kind: KindSpec = "mse",
     clamp: Union[bool, str] = False,
-    delta: float = 1.0,
-    eps: float = 1e-3,
+    delta: float = HUBER_DELTA,
+    eps: float = CHARBONNIER_EPS,
     grad_scale: Union[float, torch.Tensor] = 1.0,
     out_grad: Union[None, str, torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,8 +419,8 @@ def pixel_loss_frames(
     *,
     kind: KindSpec = "mse",
     clamp: Union[bool, str] = False,
-    delta: float = 1.0,
-    eps: float = 1e-3,
+    delta: float = HUBER_DELTA,
+    eps: float = CHARBONNIER_EPS,
 ) -> torch.Tensor:
     """Per-frame loss sums only (no gradient computed or written); same rules as the value-and-grad."""
     weights = _parse_kind(kind)
@@ -460,8 +466,8 @@ def fused_pixel_loss(
     kind: KindSpec = "mse",
     reduction: str = "mean",
     clamp: Union[bool, str] = False,
-    delta: float = 1.0,
-    eps: float = 1e-3,
+    delta: float = HUBER_DELTA,
+    eps: float = CHARBONNIER_EPS,
 ) -> torch.Tensor:
     """Differentiable fused pixel loss over ``(B, C, F, H, W)`` frames.
 

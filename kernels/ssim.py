@@ -47,6 +47,12 @@ K1 = 0.01
 K2 = 0.03
 
 
+def check_frame_size(height: int, width: int, what: str = "frames") -> None:
+    """Raises ValueError unless ``height x width`` frames hold one whole SSIM window."""
+    if height < WIN_SIZE or width < WIN_SIZE:
+        raise ValueError(f"SSIM needs {what} of at least {WIN_SIZE}x{WIN_SIZE} pixels, got {height}x{width}")
+
+
 def gaussian_window(dtype=torch.float32, device=None) -> torch.Tensor:
     """The normalised 1-D window (11 taps, sigma 1.5), computed like ``pytorch_msssim``."""
     coords = torch.arange(WIN_SIZE, dtype=torch.float32) - WIN_SIZE // 2
@@ -339,9 +345,7 @@ def _check(pred, target, grad_scale, data_range):
     check_float_tensor("pred", pred, ndim=5, shape_hint="(B, C, F, H, W)")
     check_float_tensor("target", target)
     check_same("pred", pred, "target", target)
-    H, W = pred.shape[-2:]
-    if H < WIN_SIZE or W < WIN_SIZE:
-        raise ValueError(f"SSIM needs frames of at least {WIN_SIZE}x{WIN_SIZE} pixels, got {H}x{W}")
+    check_frame_size(*pred.shape[-2:])
     if not (isinstance(data_range, (int, float)) and data_range > 0):
         raise ValueError(f"data_range must be a positive number, got {data_range!r}")
     if isinstance(grad_scale, torch.Tensor):
@@ -436,4 +440,4 @@ def fused_ssim(pred: torch.Tensor, target: torch.Tensor, *, reduction: str = "no
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-__all__ = ["ssim_value_and_grad", "ssim_frames", "fused_ssim", "SSIMFunction", "gaussian_window"]
+__all__ = ["ssim_value_and_grad", "ssim_frames", "fused_ssim", "SSIMFunction", "check_frame_size", "gaussian_window"]

@@ -293,3 +293,15 @@ def test_ssim_rejects_masks_and_tiny_frames(wan):
     small = latents[:, :, :, :1, :1]
     with pytest.raises(ValueError, match="ssim"):
         chopgrad.pixel_loss(vae, small, torch.zeros(1, 3, video.shape[2], 8, 8), loss="ssim")
+
+
+def test_every_fused_pixel_loss_has_an_autograd_version_with_the_same_constants():
+    from chopgrad import kernels
+    from chopgrad.losses import ELEMENTWISE_LOSSES, LOSS_NAMES
+
+    assert set(ELEMENTWISE_LOSSES) == set(kernels.LOSS_KINDS) and set(kernels.LOSS_KINDS) < set(LOSS_NAMES)
+    g = torch.Generator().manual_seed(0)
+    pred, target = (torch.randn(1, 3, 2, 4, 5, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    for name, fn in ELEMENTWISE_LOSSES.items():
+        sums = kernels.pixel_loss_frames(pred, target, None, kind=name, clamp=False)
+        assert torch.allclose(sums.sum(), fn(pred, target).sum(), rtol=1e-10), name
