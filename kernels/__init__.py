@@ -19,7 +19,9 @@ memory-lean autograd Function or value-and-grad function, a public function):
   :func:`rms_norm_silu_pad_conv3d` folds the following conv in too so the
   padded conv input is rebuilt in backward instead of kept.
 * :func:`patch` / :func:`unpatch` -- swap an ``AutoencoderKLWan`` decoder's hot
-  paths for these ops on one instance.
+  paths for these ops on one instance (hooks such as diffusers' layerwise
+  casting and group offloading keep working); :func:`patch_report` says what
+  was patched and what was left out, and why.
 
 Dispatch: Triton on CUDA tensors, the PyTorch reference elsewhere, with the
 same saved tensors on both paths.  ``CHOPGRAD_FORCE_TRITON=1`` forces Triton
@@ -33,7 +35,7 @@ import torch
 
 from ._dispatch import ENV_FORCE_TRITON, HAS_TRITON, backend_name, force_mode, interpreter_ready
 from .causal_pad import causal_pad, causal_pad_reference
-from .patch import is_patched, patch, unpatch
+from .patch import PatchReport, PatchWarning, is_patched, patch, patch_report, unpatch
 from .pixel_losses import LOSS_KINDS, fused_pixel_loss, pixel_loss_frames, pixel_loss_value_and_grad
 from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d, rms_norm_silu_reference
 from .ssim import fused_ssim, ssim_frames, ssim_value_and_grad
@@ -55,9 +57,9 @@ def fused_ops_available(device: torch.device | str | None = None) -> dict[str, s
 
 
 __all__ = [
-    "ENV_FORCE_TRITON", "HAS_TRITON", "LOSS_KINDS", "OPS",
+    "ENV_FORCE_TRITON", "HAS_TRITON", "LOSS_KINDS", "OPS", "PatchReport", "PatchWarning",
     "causal_pad", "causal_pad_reference", "force_mode", "fused_ops_available", "fused_pixel_loss", "fused_ssim",
-    "interpreter_ready", "is_patched", "patch", "pixel_loss_frames", "pixel_loss_value_and_grad",
+    "interpreter_ready", "is_patched", "patch", "patch_report", "pixel_loss_frames", "pixel_loss_value_and_grad",
     "rms_norm_silu", "rms_norm_silu_pad", "rms_norm_silu_pad_conv3d", "rms_norm_silu_reference",
     "ssim_frames", "ssim_value_and_grad",
     "unpatch",
