@@ -19,7 +19,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python $(SOURCES)
-	$(BIN)/pip install --quiet $(TORCH) setuptools wheel ninja pybind11 cmake
+	$(BIN)/pip install --quiet $(TORCH) "setuptools>=77" ninja pybind11 cmake
 	$(BIN)/pip install --quiet --no-build-isolation -e ".[test,triton]"
 	touch $@
 
