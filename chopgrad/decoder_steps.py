@@ -69,6 +69,11 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def saved_leaves_as_at_forward():
+    """A context in which autograd saves each leaf tensor as it is now, not by reference."""
+    return torch.autograd.graph.saved_tensors_hooks(_hold_leaves_as_at_forward, _unpack)
+
+
 def engine_step(adapter: DecoderAdapter, plan: DecodePlan, replay: ReplayedRandomness | None = None) -> Callable:
     """The engine's step callback: runs `adapter.step`, checks the frames' shape against the plan."""
 
@@ -76,7 +81,7 @@ def engine_step(adapter: DecoderAdapter, plan: DecodePlan, replay: ReplayedRando
         if replay is not None:
             replay.before_step(index)
         if torch.is_grad_enabled():
-            with torch.autograd.graph.saved_tensors_hooks(_hold_leaves_as_at_forward, _unpack):
+            with saved_leaves_as_at_forward():
                 frames, next_state = adapter.step(index, latent_group, state)
         else:
             frames, next_state = adapter.step(index, latent_group, state)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import chopgrad
-from tiny_models import tiny_wan21, truncated_oracle
+from tiny_models import truncated_oracle, wan21_case
 
 
 def rel_err(a, b):
@@ -14,13 +14,7 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def wan():
-    vae = tiny_wan21()
-    g = torch.Generator().manual_seed(3)
-    latents = torch.randn(1, 4, 4, 4, 5, generator=g)
-    with torch.no_grad():
-        video = vae.decode(latents).sample
-    target = torch.rand(video.shape, generator=g) * 2 - 1
-    return vae, latents, video, target
+    return wan21_case(latent_frames=4, seed=3)
 
 
 def full_grad(vae, latents, loss_of_video):

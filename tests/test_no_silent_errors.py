@@ -5,18 +5,12 @@ import pytest
 import torch
 
 import chopgrad
-from tiny_models import tiny_wan21, truncated_oracle
+from tiny_models import truncated_oracle, wan21_case
 
 
 @pytest.fixture(scope="module")
 def wan():
-    vae = tiny_wan21()
-    g = torch.Generator().manual_seed(5)
-    latents = torch.randn(1, 4, 3, 4, 5, generator=g)
-    with torch.no_grad():
-        video = vae.decode(latents).sample
-    target = torch.rand(video.shape, generator=g) * 2 - 1
-    return vae, latents, video, target
+    return wan21_case(latent_frames=3, seed=5)
 
 
 def test_double_backward_is_an_error(wan):

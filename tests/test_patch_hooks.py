@@ -11,13 +11,12 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+from tiny_models import tiny_wan21, tiny_wan22
 
-from diffusers.models.autoencoders import autoencoder_kl_wan as wan  # noqa: E402
-from tiny_models import tiny_wan21, tiny_wan22  # noqa: E402
-
-from chopgrad.kernels import PatchReport, PatchWarning, is_patched, patch, patch_report, unpatch  # noqa: E402
-from chopgrad.kernels.patch import patched_modules  # noqa: E402
+from chopgrad.kernels import PatchReport, PatchWarning, is_patched, patch, patch_report, unpatch
+from chopgrad.decoder_steps import saved_leaves_as_at_forward
+from chopgrad.kernels.patch import patched_modules
 
 CPU = torch.device("cpu")
 ORDERS = ["patch_then_hook", "hook_then_patch"]
@@ -109,19 +108,24 @@ CONFIGS = {
 PLAIN_AUTOGRAD = {"leaf_offload_memory", "block_offload_memory", "conv_pre_hooks", "norm_and_conv_forward_hooks"}
 
 
+def hooked_and_patched(vae, order, add_hooks):
+    """Patches ``vae`` and adds hooks with ``add_hooks(vae) -> calls``, in ``order``; returns the calls."""
+    if order == "patch_then_hook":
+        patch(vae)
+        return add_hooks(vae)
+    calls = add_hooks(vae)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchWarning)  # hooked convs are reported as kept out of the fused ops
+        patch(vae)
+    return calls
+
+
 def build(base, config, path, order=None):
     """A copy of ``base`` configured by ``config``; patched in ``order`` (unpatched when ``order`` is None)."""
     vae = copy.deepcopy(base)
     if order is None:
         return vae, CONFIGS[config](vae, path)
-    if order == "patch_then_hook":
-        patch(vae)
-        return vae, CONFIGS[config](vae, path)
-    calls = CONFIGS[config](vae, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PatchWarning)  # hooked convs are reported as kept out of the fused ops
-        patch(vae)
-    return vae, calls
+    return vae, hooked_and_patched(vae, order, lambda v: CONFIGS[config](v, path))
 
 
 def count_diffusers_hook_calls(vae) -> collections.Counter:
@@ -157,6 +161,12 @@ def assert_close(got, want):
 
 def assert_grad_close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(want.abs().max().item(), 1.0))
+
+
+def assert_decodes_like(vae, z, want, want_grad):
+    got, grad = decode(vae, z, with_grad=True)
+    assert_close(got, want)
+    assert_grad_close(grad, want_grad)
 
 
 def rounded_copy(base, cast_model):
@@ -207,11 +217,6 @@ def test_hooked_patched_decode_equals_unpatched(base_vae, config, order, tmp_pat
         assert_close(got, rounded)
 
 
-def _hold_leaves_as_at_forward(tensor):
-    # saved by reference, a weight would show whatever a hook swaps into `.data` after its forward
-    return tensor.detach() if tensor.grad_fn is None else tensor
-
-
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("config", ["layerwise_casting", "leaf_offload_disk", "block_offload_disk"])
 def test_gradients_through_swapped_weights_with_a_pack_hook(base_vae, config, order, tmp_path):
@@ -227,7 +232,7 @@ def test_gradients_through_swapped_weights_with_a_pack_hook(base_vae, config, or
     want, want_grad = decode(oracle, z, with_grad=True)
     vae, _ = build(base_vae, config, tmp_path / "patched", order)
     assert set(patched_modules(vae)) == set(_candidate_names(vae))
-    with torch.autograd.graph.saved_tensors_hooks(_hold_leaves_as_at_forward, lambda t: t):
+    with saved_leaves_as_at_forward():  # what pixel_loss wraps each decoder step in
         got, grad = decode(vae, z, with_grad=True)
     assert torch.isfinite(grad).all()
     assert_close(got, want)
@@ -302,18 +307,9 @@ def test_accelerate_hooks_in_either_order(base_vae):
     want_calls = list(ref_calls)
     for order in ORDERS:
         vae = copy.deepcopy(base_vae)
-        if order == "patch_then_hook":
-            patch(vae)
-            calls = add_hooks(vae)
-        else:
-            calls = add_hooks(vae)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PatchWarning)
-                patch(vae)
+        calls = hooked_and_patched(vae, order, add_hooks)
         assert {"<decoder>", "mid_block.resnets.0", "up_blocks.0.resnets.1.conv2"} <= set(patched_modules(vae))
-        got, grad = decode(vae, z, with_grad=True)
-        assert_close(got, want)
-        assert_grad_close(grad, want_grad)
+        assert_decodes_like(vae, z, want, want_grad)
         assert calls == want_calls
         unpatch(vae)
         for name in hooked:
@@ -362,16 +358,9 @@ def test_diffusers_hook_with_its_own_forward_in_either_order(base_vae):
     want, want_grad = decode(ref, z, with_grad=True)
     for order in ORDERS:
         vae = copy.deepcopy(base_vae)
-        if order == "patch_then_hook":
-            patch(vae)
-            calls = add_hooks(vae)
-        else:
-            calls = add_hooks(vae)
-            patch(vae)
+        calls = hooked_and_patched(vae, order, add_hooks)
         assert set(hooked) <= set(patched_modules(vae))
-        got, grad = decode(vae, z, with_grad=True)
-        assert_close(got, want)
-        assert_grad_close(grad, want_grad)
+        assert_decodes_like(vae, z, want, want_grad)
         assert calls == ref_calls
         unpatch(vae)
         for name in hooked:

@@ -35,6 +35,17 @@ def tiny_cogvideox(seed: int = 0):
 MODELS = {"wan21": tiny_wan21, "wan22": tiny_wan22, "cogvideox": tiny_cogvideox}
 
 
+def wan21_case(latent_frames: int, seed: int):
+    """(tiny Wan 2.1 VAE, latents (1, 4, latent_frames, 4, 5), its own decoded video, a random target in [-1, 1])."""
+    vae = tiny_wan21()
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, latent_frames, 4, 5, generator=g)
+    with torch.no_grad():
+        video = vae.decode(latents).sample
+    target = torch.rand(video.shape, generator=g) * 2 - 1
+    return vae, latents, video, target
+
+
 class NativeDecoder:
     """Runs a model's own decoder step by step the way its `_decode` does, with
     the model's own mutable cache objects (no chopgrad code involved)."""
