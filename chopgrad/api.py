@@ -15,6 +15,8 @@ from .losses import LossSpec, resolve_loss
 from .video_loss import VideoLoss
 
 SCHEDULES = ("sliding", "chunked")
+#: Latents are (B, C, T, h, w): decoder steps cut them along T.
+LATENT_TIME_DIM = 2
 REDUCTIONS = ("mean", "sum")
 
 
@@ -147,8 +149,9 @@ def pixel_loss(
     # Only the sliding schedule runs a step more than once.
     replay = ReplayedRandomness(latents.device, d + 1) if schedule == "sliding" and d >= 0 else None
     engine = _ext.load_extension().Engine(
-        engine_step(adapter, plan, replay), video_loss, list(plan.group_bounds), supervised, d, schedule,
-        adapter.initial_state(), 2)
+        step=engine_step(adapter, plan, replay), loss=video_loss, group_bounds=list(plan.group_bounds),
+        supervised=supervised, d_trunc=d, schedule=schedule, initial_state=adapter.initial_state(),
+        time_dim=LATENT_TIME_DIM)
     if wants_grad:
         return engine.loss(latents, adapter.parameters())
     return engine.evaluate(latents)

@@ -41,9 +41,11 @@ def _unflatten(paths, leaves) -> dict:
 class CogVideoXAdapter(DecoderAdapter):
     """Chunks of `num_latent_frames_batch_size` (2) latent frames; the first takes 3 when the count is odd.
 
-    The state is the decoder's nested `conv_cache` dict flattened to a list;
-    its key layout is a fixed property of the decoder, recorded from the first
-    step's output. The model's own decode does not clamp, so clamp_range is None.
+    The state is the decoder's nested `conv_cache` dict flattened to a list.
+    Its key layout is a fixed property of the decoder that diffusers does not
+    expose, so the adapter learns it from the cache step 0 returns (the one
+    thing a step records) and checks every later cache against it. The
+    model's own decode does not clamp, so clamp_range is None.
     """
 
     clamp_range = None
@@ -63,7 +65,7 @@ class CogVideoXAdapter(DecoderAdapter):
         self.temporal_levels = min(int(math.log2(cfg.temporal_compression_ratio)), upsamplers)
         self.spatial_factor = 2**upsamplers
         self.out_channels = cfg.out_channels
-        self._paths = None
+        self._cache_layout = None  # key paths of the flattened conv_cache, learnt on step 0
 
     def _frames_out(self, latent_frames: int) -> int:
         n = latent_frames
@@ -88,18 +90,24 @@ class CogVideoXAdapter(DecoderAdapter):
         if index == 0 or not state:
             conv_cache = None
         else:
-            if self._paths is None or len(self._paths) != len(state):
-                raise ValueError("CogVideoX decoder state does not match this decoder's cache layout")
-            conv_cache = _unflatten(self._paths, state)
+            if self._cache_layout is None or len(self._cache_layout) != len(state):
+                raise ValueError("CogVideoX decoder state does not match this decoder's cache layout "
+                                 "(run step 0 first: it returns the state the later steps take)")
+            conv_cache = _unflatten(self._cache_layout, state)
         z = latent_group
         if self.model.post_quant_conv is not None:
             z = self.model.post_quant_conv(z)
         out, new_cache = self.model.decoder(z, conv_cache=conv_cache)
         leaves: list = []
-        paths = _flatten(new_cache, leaves)
-        if self._paths is None:
-            self._paths = paths
+        self._learn_cache_layout(_flatten(new_cache, leaves))
         return out, leaves
+
+    def _learn_cache_layout(self, paths: list) -> None:
+        if self._cache_layout is None:
+            self._cache_layout = paths
+        elif paths != self._cache_layout:
+            raise RuntimeError("the CogVideoX decoder returned a conv_cache with another key layout than on step 0; "
+                               "chopgrad assumes the layout is fixed by the decoder's architecture")
 
     def parameters(self) -> list[torch.nn.Parameter]:
         params = list(self.model.decoder.parameters())
