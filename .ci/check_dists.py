@@ -4,7 +4,7 @@
 
 The sdist must carry everything the build needs (sources, headers, LICENSE); the wheel must carry
 LICENSE (and say so in its metadata), the compiled engine without debug info, the fused kernels
-(every kernels/*.py of the source tree, as chopgrad/kernels/) and the default model's weights.
+(every kernels/*.py of the source tree, as chopgrad/kernels/ in both) and the default model's weights.
 """
 import subprocess
 import sys
@@ -29,7 +29,7 @@ def check_sdist(path):
                      "csrc/bindings.cpp", "chopgrad/models/default_vae.safetensors"]:
         need(required in names, f"sdist lacks {required}")
     for source in sorted((ROOT / "kernels").glob("*.py")):
-        need(f"kernels/{source.name}" in names, f"sdist lacks kernels/{source.name}")
+        need(f"chopgrad/kernels/{source.name}" in names, f"sdist lacks chopgrad/kernels/{source.name}")
     print(f"sdist {Path(path).name}: {len(names)} entries")
 
 

@@ -1,5 +1,5 @@
 """Checks an installed chopgrad from outside the source tree: chopgrad and chopgrad._C come from
-the running venv, and one truncated pixel-loss step on the shipped default model runs through the
+the running venv (the fused kernels as chopgrad.kernels too), and one truncated pixel-loss step on the shipped default model runs through the
 C++ engine with a finite, non-zero latent gradient."""
 import sys
 from pathlib import Path
@@ -8,10 +8,11 @@ import torch
 
 import chopgrad
 import chopgrad._C
+import chopgrad.kernels
 from chopgrad.models import default_vae
 
 prefix = Path(sys.prefix).resolve()
-for module in (chopgrad, chopgrad._C):
+for module in (chopgrad, chopgrad._C, chopgrad.kernels):
     path = Path(module.__file__).resolve()
     if prefix not in path.parents:
         sys.exit(f"{module.__name__} was imported from {path}, not from the venv {prefix}")

@@ -205,3 +205,26 @@ def test_built_engine_has_no_debug_info():
         pytest.skip(f"{spec.origin} is not an ELF file")
     assert ".text" in names and ".dynsym" in names  # the parser read real section headers
     assert not [n for n in names if n.startswith(".debug")], (spec.origin, names)
+
+
+def _kernels_file(env_path: str | None, cwd: str) -> str:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if env_path is not None:
+        env["PYTHONPATH"] = env_path
+    out = subprocess.run([sys.executable, "-c", "import chopgrad.kernels as k; print(k.__file__)"], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_kernels_are_chopgrad_kernels_in_a_source_checkout_and_an_editable_install(tmp_path):
+    # One mechanism, the symlink chopgrad/kernels -> ../kernels: a plain checkout on sys.path and the editable
+    # install both resolve chopgrad.kernels to the top-level kernels/ folder (wheels: .ci/check_wheel.sh).
+    assert (ROOT / "chopgrad" / "kernels").is_symlink()
+    assert os.readlink(ROOT / "chopgrad" / "kernels") == "../kernels"
+    setup_text = (ROOT / "setup.py").read_text()
+    assert "package_dir" not in setup_text
+    expected = (ROOT / "kernels" / "__init__.py").resolve()
+    assert Path(_kernels_file(str(ROOT), cwd=str(tmp_path))).resolve() == expected
+    assert Path(_kernels_file(None, cwd=str(tmp_path))).resolve() == expected
