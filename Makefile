@@ -10,7 +10,7 @@ STAMP := $(VENV)/.chopgrad-installed
 BUILD := build
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test pytest ctest bench bench-full memory-scaling clean
+.PHONY: install test pytest ctest bench acceptance bench-full memory-scaling clean
 
 install: $(STAMP)
 
@@ -34,9 +34,15 @@ pytest: $(STAMP)
 
 test: ctest pytest
 
-# The main job: pixel-loss training-step benchmark on the built-in default model.
+# The main job: pixel-loss training-step benchmark on the built-in default model,
+# then the project's acceptance bars on its results (a failed bar is reported, and
+# does not fail the benchmark run; `make acceptance` alone exits 1 on it).
 bench: $(STAMP)
 	$(BIN)/chopgrad bench --quick --out bench_out
+	-$(BIN)/python benchmarks/acceptance.py bench_out/results.json
+
+acceptance: $(STAMP)
+	$(BIN)/python benchmarks/acceptance.py bench_out/results.json
 
 bench-full: $(STAMP)
 	$(BIN)/chopgrad bench --out bench_out

@@ -1,4 +1,4 @@
-"""One AutoencoderKLWan decoder step, forward + backward, patched (chopgrad.kernels.patch) vs unpatched.
+"""One AutoencoderKLWan decoder step, forward + backward, patched (chopgrad.patch) vs unpatched.
 
 Measures, for a tiny and a Wan-2.1-width decoder (base_dim 96, dim_mult
 [1, 2, 4, 4], 2 res blocks: the real Wan 2.1 decoder layout, random weights):
@@ -37,11 +37,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chopgrad.tools.bench.memory import PeakMemory  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
@@ -51,32 +50,10 @@ CONFIGS = {
 }
 
 
-class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages allocated by ops run inside the mode (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.refs.items() if ref.expired()]:
-            del self.refs[key]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key and key not in self.refs:
-                    self.refs[key] = (StorageWeakRef(st), st.nbytes())
-        self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
-        return out
-
-
 def build(name: str, patched: bool, device: str = "cpu", dtype=torch.float32):
     from diffusers import AutoencoderKLWan
 
-    from chopgrad.kernels import patch
+    from chopgrad import patch
 
     cfg = CONFIGS[name]
     torch.manual_seed(0)
@@ -127,17 +104,9 @@ def measure(name: str, repeats: int = 5, device: str = "cpu") -> dict:
         saved: dict = {}
         outs[key] = step(vae, x, state, saved=saved)
         row[f"{key}_saved_bytes"] = sum(saved.values())
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        with PeakMemory(device, cpu="live_tensors") as tracker:
             step(vae, x, state)
-            torch.cuda.synchronize()
-            row[f"{key}_cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
-        else:
-            with PeakLiveBytes() as tracker:
-                step(vae, x, state)
-            row[f"{key}_peak_live_bytes"] = tracker.peak
+        row[f"{key}_cuda_peak_bytes" if device == "cuda" else f"{key}_peak_live_bytes"] = tracker.peak_bytes
     row["max_abs_diff"] = (outs["patched"] - outs["unpatched"]).abs().max().item()
     times = {"unpatched": [], "patched": []}
     for _ in range(repeats):  # interleave to share the noise of a busy machine
@@ -224,9 +193,9 @@ if pytest is not None:
         vae, x, state = build(name, patched)
         saved: dict = {}
         step(vae, x, state, saved=saved)
-        with PeakLiveBytes() as tracker:
+        with PeakMemory("cpu", cpu="live_tensors") as tracker:
             step(vae, x, state)
-        benchmark.extra_info.update(saved_bytes=sum(saved.values()), peak_live_bytes=tracker.peak)
+        benchmark.extra_info.update(saved_bytes=sum(saved.values()), peak_live_bytes=tracker.peak_bytes)
         benchmark.pedantic(step, args=(vae, x, state), rounds=3, warmup_rounds=1)
 
 

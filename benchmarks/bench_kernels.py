@@ -37,11 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_decoder_step import PeakLiveBytes  # noqa: E402
 
 from chopgrad import kernels as K  # noqa: E402
+from chopgrad.tools.bench.memory import PeakMemory  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -197,20 +195,11 @@ def memory(fn, d) -> dict:
     del outs
     for v in _leaves(d):
         v.grad = None
-    if DEVICE == "cuda":
-        _sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    with PeakMemory(DEVICE, cpu="live_tensors") as tracker:
         run_both(fn, d)
-        _sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with PeakLiveBytes() as tracker:
-            run_both(fn, d)
-        peak = tracker.peak
     for v in _leaves(d):
         v.grad = None
-    return dict(saved_new_bytes=saved_bytes, saved_input_bytes=saved_input_bytes, peak_bytes=peak)
+    return dict(saved_new_bytes=saved_bytes, saved_input_bytes=saved_input_bytes, peak_bytes=tracker.peak_bytes)
 
 
 def _time_once(fn, d) -> dict:

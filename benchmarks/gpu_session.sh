@@ -98,6 +98,7 @@ step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --json "$OUT_DIR/kernels
 step probe 60 "$PY" -m chopgrad probe --device cuda --frames 33 --size 64 --out "$OUT_DIR/probe"
 step bench 300 "$PY" -m chopgrad bench --device cuda --sizes 128 --frames 17 65 129 \
     --d-trunc 1 --no-progress --timeout 60 --out "$OUT_DIR/bench"
+step acceptance 30 "$PY" benchmarks/acceptance.py "$OUT_DIR/bench/results.json"
 step bench_bf16 90 "$PY" -m chopgrad bench --device cuda --dtype bf16 --sizes 128 --frames 17 129 \
     --d-trunc 1 --no-progress --timeout 60 --out "$OUT_DIR/bench_bf16"
 stamp done

@@ -19,10 +19,10 @@ import tempfile
 
 import torch
 
-from chopgrad.bench import run_isolated
-from chopgrad.bench.bench import default_threads
-from chopgrad.bench.methods import method_label
-from chopgrad.bench.workloads import load_model, make_inputs
+from chopgrad.tools.bench import run_isolated
+from chopgrad.tools.bench.bench import default_threads
+from chopgrad.tools.bench.methods import method_label
+from chopgrad.tools.bench.workloads import load_model, make_inputs
 
 START, END = "<!-- memory_scaling:start -->", "<!-- memory_scaling:end -->"
 

@@ -15,14 +15,27 @@ from .adapters import (
     wrap,
 )
 from .api import decode, pixel_loss
-from .kernels import patch, unpatch
+from .adapters.wan_patch import PatchReport, PatchWarning, patch, patch_report, unpatch
 from .losses import per_frame
-from .probe import ProbeResult, probe_locality
+from ._version import __version__
 
-__version__ = "0.1.0"
+#: Names of the locality probe, which belongs to the command-line tools (chopgrad.tools.probe).
+_PROBE_NAMES = ("ProbeResult", "probe_locality")
+
+
+def __getattr__(name):
+    # Existing code reaches the probe through the package; importing it on first
+    # access keeps `import chopgrad` from importing the tools.
+    if name in _PROBE_NAMES:
+        from .tools import probe
+
+        return getattr(probe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "FunctionalAdapter", "WanAdapter",
-    "ProbeResult", "decode", "detach_state", "patch", "per_frame", "pixel_loss", "probe_locality", "unpatch",
+    "PatchReport", "PatchWarning", "ProbeResult", "decode", "detach_state", "patch", "patch_report", "per_frame",
+    "pixel_loss", "probe_locality", "unpatch",
     "wrap",
 ]

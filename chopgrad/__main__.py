@@ -1,6 +1,6 @@
 """`python -m chopgrad bench|probe|info` (same as the `chopgrad` console script)."""
 import sys
 
-from chopgrad.cli import main
+from chopgrad.tools.cli import main
 
 sys.exit(main())

@@ -18,15 +18,18 @@ memory-lean autograd Function or value-and-grad function, a public function):
   pass, emitting the next cache; :func:`rms_norm_silu_pad` fuses both, and
   :func:`rms_norm_silu_pad_conv3d` folds the following conv in too so the
   padded conv input is rebuilt in backward instead of kept.
-* :func:`patch` / :func:`unpatch` -- swap an ``AutoencoderKLWan`` decoder's hot
-  paths for these ops on one instance (hooks such as diffusers' layerwise
-  casting and group offloading keep working); :func:`patch_report` says what
-  was patched and what was left out, and why.
+
+Ops only: nothing here knows a model. ``chopgrad.patch`` (in ``chopgrad.adapters``)
+swaps a Wan decoder's hot paths for these ops.
 
 Dispatch: Triton on CUDA tensors, the PyTorch reference elsewhere, with the
 same saved tensors on both paths.  ``CHOPGRAD_FORCE_TRITON=1`` forces Triton
 (CPU tensors through the interpreter, which needs ``TRITON_INTERPRET=1`` set
 before ``triton`` is imported); ``CHOPGRAD_FORCE_TRITON=0`` forces the reference.
+
+Each op is a PyTorch custom op, ``torch.ops.chopgrad.<name>`` (with a fake
+kernel and an autograd formula), so ``torch.compile`` traces through the
+public functions without a graph break; the dispatch above runs inside the op.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import torch
 
 from ._dispatch import ENV_FORCE_TRITON, HAS_TRITON, backend_name, force_mode, interpreter_ready
 from .causal_pad import causal_pad, causal_pad_reference
-from .patch import PatchReport, PatchWarning, is_patched, patch, patch_report, unpatch
 from .pixel_losses import LOSS_KINDS, fused_pixel_loss, pixel_loss_frames, pixel_loss_value_and_grad
 from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d, rms_norm_silu_reference
 from .ssim import fused_ssim, ssim_frames, ssim_value_and_grad
@@ -44,23 +46,26 @@ OPS = ("pixel_losses", "ssim", "rms_norm_silu", "causal_pad", "rms_norm_silu_pad
 """Names of the fused ops, as reported by :func:`fused_ops_available`."""
 
 
-def fused_ops_available(device: torch.device | str | None = None) -> dict[str, str]:
-    """For each op, the backend it runs on for fp32 tensors on ``device``.
+def fused_ops_available(device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """For each op, the backend it runs on for ``dtype`` tensors on ``device``.
 
     ``device`` defaults to ``cuda`` when available, else ``cpu``.  Values are
     ``"triton"``, ``"triton-interpreter"``, ``"reference"`` or an
     ``"unavailable (...)"`` explanation (``CHOPGRAD_FORCE_TRITON=1`` on CPU
-    without ``TRITON_INTERPRET=1``).  float64 inputs always use the reference.
+    without ``TRITON_INTERPRET=1``).  Dtypes outside ``TRITON_DTYPES``
+    (float64) get ``"reference"``.  Every op decides with the same
+    :func:`chopgrad.kernels._dispatch.use_triton` on its tensor inputs, so for
+    one device and dtype all entries agree; the table names the ops covered.
     """
-    name = backend_name(device)
+    name = backend_name(device, dtype)
     return {op: name for op in OPS}
 
 
 __all__ = [
-    "ENV_FORCE_TRITON", "HAS_TRITON", "LOSS_KINDS", "OPS", "PatchReport", "PatchWarning",
+    "ENV_FORCE_TRITON", "HAS_TRITON", "LOSS_KINDS", "OPS",
     "causal_pad", "causal_pad_reference", "force_mode", "fused_ops_available", "fused_pixel_loss", "fused_ssim",
-    "interpreter_ready", "is_patched", "patch", "patch_report", "pixel_loss_frames", "pixel_loss_value_and_grad",
+    "interpreter_ready", "pixel_loss_frames", "pixel_loss_value_and_grad",
     "rms_norm_silu", "rms_norm_silu_pad", "rms_norm_silu_pad_conv3d", "rms_norm_silu_reference",
     "ssim_frames", "ssim_value_and_grad",
-    "unpatch",
 ]

@@ -91,16 +91,17 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return HAS_TRITON and bool(present) and all(t.is_cuda for t in present)
 
 
-def backend_name(device: torch.device | str | None = None) -> str:
-    """Name of the backend ops would use for fp32 tensors on ``device``.
+def backend_name(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> str:
+    """Name of the backend :func:`use_triton` picks for ``dtype`` tensors on ``device``.
 
-    One of ``"triton"``, ``"triton-interpreter"`` or ``"reference"``.
+    One of ``"triton"``, ``"triton-interpreter"``, ``"reference"`` or
+    ``"unavailable (set TRITON_INTERPRET=1)"`` (forced Triton on CPU without the interpreter).
     """
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     )
     mode = force_mode()
-    if mode == "reference" or not HAS_TRITON:
+    if mode == "reference" or not HAS_TRITON or dtype not in TRITON_DTYPES:
         return "reference"
     if dev.type == "cuda":
         return "triton-interpreter" if interpreter_ready() else "triton"

@@ -21,7 +21,8 @@ rule (``x[:, :, -2:]``, or the cache's last frame followed by a 1-frame chunk).
 
 Layout: ``_causal_pad_fwd_kernel`` / ``_causal_pad_bwd_kernel`` (Triton) ->
 ``causal_pad_forward`` / ``causal_pad_backward`` (dispatching launchers, also
-used by the fused norm op) -> :class:`CausalPadFunction` -> :func:`causal_pad`.
+used by the fused norm op) -> custom ops ``torch.ops.chopgrad.causal_pad`` /
+``causal_pad_backward`` (with the autograd formula) -> :func:`causal_pad`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._args import computed_or_empty, not_computed
 from ._dispatch import check_float_tensor, tl, triton, triton_kernel, use_triton
 
 
@@ -335,33 +337,77 @@ def causal_pad_backward(gout, gnew, geo: PadGeometry, *, need_x: bool, need_cach
 
 
 # ---------------------------------------------------------------------------
-# autograd Function and public op
+# custom ops (forward and backward) with their autograd formula
 # ---------------------------------------------------------------------------
 
 
-class CausalPadFunction(torch.autograd.Function):
-    """Padded conv input + emitted cache; saves nothing but the geometry."""
+def geometry_from_sizes(x_shape, cache_frames: int, time_pad: int, ph: int, pw: int, cache_t: int) -> PadGeometry:
+    """The :class:`PadGeometry` of an already validated call, from sizes only (what a custom op can carry)."""
+    B, C, TX, H, W = x_shape
+    return PadGeometry(B, C, TX, cache_frames, H, W, time_pad, ph, pw, cache_t)
 
-    @staticmethod
-    def forward(ctx, x, cache, geo: PadGeometry, emit_cache: bool):
-        triton_path = use_triton(x, cache)
-        out, newc = causal_pad_forward(x, cache, geo, emit_cache=emit_cache, skip_x=False, triton_path=triton_path)
-        ctx.geo = geo
-        ctx.triton_path = triton_path
-        ctx.dtype = x.dtype
-        ctx.device = x.device
-        ctx.set_materialize_grads(False)
-        if newc is None:
-            return out
-        return out, newc
 
-    @staticmethod
-    def backward(ctx, gout, gnew=None):
-        gx, gc = causal_pad_backward(
-            gout, gnew, ctx.geo, need_x=ctx.needs_input_grad[0], need_cache=ctx.needs_input_grad[1],
-            triton_path=ctx.triton_path, dtype=ctx.dtype, device=ctx.device,
-        )
-        return gx, gc, None, None
+@torch.library.custom_op("chopgrad::causal_pad", mutates_args=())
+def _causal_pad_op(x: torch.Tensor, cache: torch.Tensor | None, time_pad: int, pad_h: int, pad_w: int, cache_t: int,
+                   emit_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_pad, next cache)``; the cache is an empty tensor without ``emit_cache``."""
+    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    out, newc = causal_pad_forward(x, cache, geo, emit_cache=emit_cache, skip_x=False,
+                                   triton_path=use_triton(x, cache))
+    return out, computed_or_empty(newc, x)
+
+
+@_causal_pad_op.register_fake
+def _(x, cache, time_pad, pad_h, pad_w, cache_t, emit_cache):
+    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    newc = x.new_empty(geo.cache_shape()) if emit_cache else not_computed(x)
+    return x.new_empty(geo.padded_shape()), newc
+
+
+@torch.library.custom_op("chopgrad::causal_pad_backward", mutates_args=())
+def _causal_pad_backward_op(gout: torch.Tensor | None, gnew: torch.Tensor | None, x_shape: list[int],
+                            cache_frames: int, time_pad: int, pad_h: int, pad_w: int, cache_t: int, need_x: bool,
+                            need_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad x, grad cache)``, each an empty tensor when not asked for (or, for the cache, when it has no frames)."""
+    geo = geometry_from_sizes(x_shape, cache_frames, time_pad, pad_h, pad_w, cache_t)
+    like = gout if gout is not None else gnew
+    gx, gc = causal_pad_backward(gout, gnew, geo, need_x=need_x, need_cache=need_cache,
+                                 triton_path=use_triton(gout, gnew), dtype=like.dtype, device=like.device)
+    return computed_or_empty(gx, like), computed_or_empty(gc, like)
+
+
+@_causal_pad_backward_op.register_fake
+def _(gout, gnew, x_shape, cache_frames, time_pad, pad_h, pad_w, cache_t, need_x, need_cache):
+    like = gout if gout is not None else gnew
+    B, C, TX, H, W = x_shape
+    gx = like.new_empty((B, C, TX, H, W)) if need_x else not_computed(like)
+    gc = like.new_empty((B, C, cache_frames, H, W)) if (need_cache and cache_frames > 0) else not_computed(like)
+    return gx, gc
+
+
+def _causal_pad_setup_context(ctx, inputs, output):
+    x, cache, time_pad, pad_h, pad_w, cache_t, emit_cache = inputs
+    ctx.emit_cache = emit_cache
+    if not emit_cache:
+        ctx.mark_non_differentiable(output[1])
+    # nothing but sizes is kept: the backward only routes gradients
+    ctx.sizes = (list(x.shape), 0 if cache is None else cache.shape[2], time_pad, pad_h, pad_w, cache_t)
+    ctx.has_cache = cache is not None
+    ctx.set_materialize_grads(False)
+
+
+def _causal_pad_autograd(ctx, gout, gnew):
+    need_x, need_cache = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_cache
+    if not ctx.emit_cache:
+        gnew = None
+    if gout is None and gnew is None:
+        return None, None, None, None, None, None, None
+    gx, gc = torch.ops.chopgrad.causal_pad_backward(gout, gnew, *ctx.sizes, need_x, need_cache)
+    has_cache_grad = need_cache and ctx.sizes[1] > 0
+    return (gx if need_x else None), (gc if has_cache_grad else None), None, None, None, None, None
+
+
+_causal_pad_op.register_autograd(_causal_pad_autograd, setup_context=_causal_pad_setup_context)
 
 
 def causal_pad(
@@ -392,8 +438,9 @@ def causal_pad(
         ``(B, C, min(cache_t, Tc + T), H, W)``, a new tensor (not a view).
         Both are differentiable with respect to ``x`` and ``cache``.
     """
-    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
-    return CausalPadFunction.apply(x, cache, geo, emit_cache)
+    make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)  # argument errors before dispatch
+    out, newc = torch.ops.chopgrad.causal_pad(x, cache, time_pad, pad_h, pad_w, cache_t, emit_cache)
+    return (out, newc) if emit_cache else out
 
 
 def causal_pad_reference(x, cache, *, time_pad, pad_h=0, pad_w=0, cache_t=2):

@@ -8,10 +8,11 @@ the decoder step right away), and it may overwrite the prediction's buffer
 (the decoded frames are dead after the loss).
 
 Layout: ``_pixel_loss_kernel`` (Triton) -> ``_pixel_loss_triton`` (launcher)
--> ``_pixel_loss_reference`` (PyTorch, same outputs) ->
-:func:`pixel_loss_value_and_grad` (public, dispatch) and
-:class:`PixelLossFunction` / :func:`fused_pixel_loss` (autograd wrapper that
-saves only the gradient).
+-> ``_pixel_loss_reference`` (PyTorch, same outputs) -> custom ops
+``torch.ops.chopgrad.pixel_loss_value_and_grad`` (dispatch; its autograd
+formula saves only the gradient), ``pixel_loss_value_and_grad_out`` (writes
+into a given buffer) and ``pixel_loss_frames`` -> :func:`pixel_loss_value_and_grad`,
+:func:`pixel_loss_frames` and :func:`fused_pixel_loss` (public).
 
 Elementwise losses, with ``d = p - target`` (``p`` the prediction, clamped
 first in ``clamp="pre"`` mode):
@@ -55,6 +56,8 @@ from typing import Mapping, Union
 
 import torch
 
+from ._args import (CLAMP_NONE, CLAMP_PRE, Clamp, ClampSpec, GradScale, OutGrad, check_grad_scale, merge_grad_scale,
+                    parse_clamp, register_value_and_grad_autograd, resolve_out, split_grad_scale)
 from ._dispatch import check_float_tensor, check_same, tl, triton, triton_kernel, use_triton
 
 LOSS_KINDS = ("l1", "mse", "charbonnier", "huber")
@@ -112,7 +115,7 @@ def _pixel_loss_kernel(
     for c in range(C):
         p = tl.load(pp, mask=inb, other=0.0).to(tl.float32)
         t = tl.load(tp, mask=inb, other=0.0).to(tl.float32)
-        if CLAMP == 2:
+        if CLAMP == CLAMP_PRE:
             pv = tl.minimum(tl.maximum(p, -1.0), 1.0)
             passes = (p >= -1.0) & (p <= 1.0)
         else:
@@ -142,7 +145,7 @@ def _pixel_loss_kernel(
             loss = tl.where(keep, loss * mk, 0.0)
             g = tl.where(keep, g * mk, 0.0)
             mp += msc
-        if CLAMP != 0:
+        if CLAMP != CLAMP_NONE:
             g = tl.where(passes, g, 0.0)
         acc += tl.where(inb, loss, 0.0)
         if WRITE_GRAD:
@@ -177,14 +180,9 @@ def _parse_kind(kind: KindSpec) -> dict[str, float]:
     return weights
 
 
-def _parse_clamp(clamp: Union[bool, str]) -> int:
-    if clamp is False or clamp is None:
-        return 0
-    if clamp is True or clamp == "post":
-        return 1
-    if clamp == "pre":
-        return 2
-    raise ValueError(f"clamp must be False, True/'post' or 'pre', got {clamp!r}")
+def _encode_kind(weights: dict[str, float]) -> tuple[list[int], list[float]]:
+    """``(indices into LOSS_KINDS, weights)``: a custom op takes lists of ints and floats, not a dict."""
+    return [LOSS_KINDS.index(k) for k in weights], list(weights.values())
 
 
 def _check_inputs(pred, target, mask, grad_scale):
@@ -203,30 +201,7 @@ def _check_inputs(pred, target, mask, grad_scale):
             )
         if mask.device != pred.device:
             raise ValueError(f"mask is on {mask.device} but pred is on {pred.device}")
-    if isinstance(grad_scale, torch.Tensor):
-        B, _, F = pred.shape[:3]
-        if grad_scale.shape != (B, F):
-            raise ValueError(f"grad_scale tensor must have shape (B, F) = ({B}, {F}), got {tuple(grad_scale.shape)}")
-        if grad_scale.device != pred.device:
-            raise ValueError(f"grad_scale is on {grad_scale.device} but pred is on {pred.device}")
-
-
-def _resolve_out(pred: torch.Tensor, out_grad) -> torch.Tensor | None:
-    """Return the tensor the gradient goes to (``None``: allocate)."""
-    if out_grad is None:
-        return None
-    if isinstance(out_grad, str):
-        if out_grad != "inplace":
-            raise ValueError(f"out_grad must be None, 'inplace' or a tensor, got {out_grad!r}")
-        if not pred.is_contiguous():
-            raise ValueError("out_grad='inplace' needs a contiguous pred; call pred.contiguous() or pass out_grad=None")
-        return pred
-    if not isinstance(out_grad, torch.Tensor):
-        raise TypeError(f"out_grad must be None, 'inplace' or a tensor, got {type(out_grad).__name__}")
-    check_same("pred", pred, "out_grad", out_grad)
-    if not out_grad.is_contiguous():
-        raise ValueError("out_grad must be contiguous")
-    return out_grad
+    check_grad_scale(pred, grad_scale)
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +239,7 @@ def _pixel_loss_triton(pred, target, mask, weights, clamp_mode, delta, eps, grad
         float(weights.get("l1", 0.0)), float(weights.get("mse", 0.0)),
         float(weights.get("charbonnier", 0.0)), float(weights.get("huber", 0.0)),
         float(eps) ** 2, float(delta), 1.0 if scale_per_frame else float(grad_scale),
-        HAS_MASK=mask is not None, CLAMP=clamp_mode, SCALE_PER_FRAME=scale_per_frame,
+        HAS_MASK=mask is not None, CLAMP=int(clamp_mode), SCALE_PER_FRAME=scale_per_frame,
         USE_L1="l1" in weights, USE_MSE="mse" in weights, USE_CHARB="charbonnier" in weights,
         USE_HUBER="huber" in weights, WRITE_GRAD=write_grad, BLOCK=block,
     )
@@ -283,12 +258,12 @@ def _pixel_loss_reference(pred, target, mask, weights, clamp_mode, delta, eps, g
     with torch.no_grad():
         p = pred.to(acc_dtype)
         t = target.to(acc_dtype)
-        if clamp_mode == 2:
+        if clamp_mode == Clamp.PRE:
             pv = p.clamp(-1.0, 1.0)
             passes = (p >= -1.0) & (p <= 1.0)
         else:
             pv = p
-            passes = p.abs() < 1.0 if clamp_mode == 1 else None
+            passes = p.abs() < 1.0 if clamp_mode == Clamp.POST else None
         d = pv - t
         del pv
         loss = None
@@ -345,6 +320,78 @@ def _pixel_loss_reference(pred, target, mask, weights, clamp_mode, delta, eps, g
 
 
 # ---------------------------------------------------------------------------
+# custom ops (the dispatch lives inside them) and the autograd formula
+# ---------------------------------------------------------------------------
+
+
+def _sums_dtype(pred: torch.Tensor) -> torch.dtype:
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+def _compute(pred, target, mask, kinds, weights, clamp, delta, eps, grad_scale, out, write_grad):
+    weight_of = {LOSS_KINDS[k]: w for k, w in zip(kinds, weights)}
+    clamp_mode = Clamp(clamp)
+    if use_triton(pred, target, mask if (mask is not None and mask.is_floating_point()) else None):
+        with torch.no_grad():
+            return _pixel_loss_triton(pred, target, mask, weight_of, clamp_mode, delta, eps, grad_scale, out,
+                                      write_grad=write_grad)
+    return _pixel_loss_reference(pred, target, mask, weight_of, clamp_mode, delta, eps, grad_scale, out,
+                                 write_grad=write_grad)
+
+
+@torch.library.custom_op("chopgrad::pixel_loss_value_and_grad", mutates_args=())
+def _pixel_loss_value_and_grad_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                                  kinds: list[int], weights: list[float], clamp: int, delta: float, eps: float,
+                                  grad_scale_frames: torch.Tensor | None,
+                                  grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-frame sums, gradient)``; the loss is ``sum(w * LOSS_KINDS[k])`` over ``zip(kinds, weights)``."""
+    sums, grad = _compute(pred, target, mask, kinds, weights, clamp, delta, eps,
+                          merge_grad_scale(grad_scale_frames, grad_scale), None, True)
+    return sums, grad.contiguous()
+
+
+@_pixel_loss_value_and_grad_op.register_fake
+def _(pred, target, mask, kinds, weights, clamp, delta, eps, grad_scale_frames, grad_scale):
+    B, _, F = pred.shape[:3]
+    return pred.new_empty((B, F), dtype=_sums_dtype(pred)), pred.new_empty(pred.shape)
+
+
+register_value_and_grad_autograd(_pixel_loss_value_and_grad_op, num_inputs=10)
+
+
+@torch.library.custom_op("chopgrad::pixel_loss_value_and_grad_out", mutates_args=("out",))
+def _pixel_loss_value_and_grad_out_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                                      kinds: list[int], weights: list[float], clamp: int, delta: float, eps: float,
+                                      grad_scale_frames: torch.Tensor | None, grad_scale: float,
+                                      out: torch.Tensor) -> torch.Tensor:
+    """Per-frame sums; the gradient is written to ``out`` (which may be ``pred`` itself: each element is read
+    before it is overwritten)."""
+    sums, _ = _compute(pred, target, mask, kinds, weights, clamp, delta, eps,
+                       merge_grad_scale(grad_scale_frames, grad_scale), out, True)
+    return sums
+
+
+@_pixel_loss_value_and_grad_out_op.register_fake
+def _(pred, target, mask, kinds, weights, clamp, delta, eps, grad_scale_frames, grad_scale, out):
+    B, _, F = pred.shape[:3]
+    return pred.new_empty((B, F), dtype=_sums_dtype(pred))
+
+
+@torch.library.custom_op("chopgrad::pixel_loss_frames", mutates_args=())
+def _pixel_loss_frames_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, kinds: list[int],
+                          weights: list[float], clamp: int, delta: float, eps: float) -> torch.Tensor:
+    """Per-frame sums only."""
+    with torch.no_grad():
+        return _compute(pred, target, mask, kinds, weights, clamp, delta, eps, 1.0, None, False)[0]
+
+
+@_pixel_loss_frames_op.register_fake
+def _(pred, target, mask, kinds, weights, clamp, delta, eps):
+    B, _, F = pred.shape[:3]
+    return pred.new_empty((B, F), dtype=_sums_dtype(pred))
+
+
+# ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
 
@@ -355,11 +402,11 @@ def pixel_loss_value_and_grad(
     mask: torch.Tensor | None = None,
     *,
     kind: KindSpec = "mse",
-    clamp: Union[bool, str] = False,
+    clamp: ClampSpec = False,
     delta: float = HUBER_DELTA,
     eps: float = CHARBONNIER_EPS,
-    grad_scale: Union[float, torch.Tensor] = 1.0,
-    out_grad: Union[None, str, torch.Tensor] = None,
+    grad_scale: GradScale = 1.0,
+    out_grad: OutGrad = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame loss sums and the gradient with respect to ``pred``, in one pass.
 
@@ -397,19 +444,19 @@ def pixel_loss_value_and_grad(
         (with the clamp rule applied).
     """
     weights = _parse_kind(kind)
-    clamp_mode = _parse_clamp(clamp)
+    clamp_mode = parse_clamp(clamp)
     _check_inputs(pred, target, mask, grad_scale)
     if delta <= 0:
         raise ValueError(f"delta must be > 0, got {delta}")
-    out = _resolve_out(pred, out_grad)
-    if use_triton(pred, target, mask if (mask is not None and mask.is_floating_point()) else None):
-        with torch.no_grad():
-            sums, grad = _pixel_loss_triton(pred, target, mask, weights, clamp_mode, delta, eps, grad_scale, out)
-        if out is not None:
-            torch.autograd.graph.increment_version(out)
-    else:
-        sums, grad = _pixel_loss_reference(pred, target, mask, weights, clamp_mode, delta, eps, grad_scale, out)
-    return sums, grad
+    out = resolve_out(pred, out_grad)
+    scale_frames, scale = split_grad_scale(grad_scale)
+    args = (*_encode_kind(weights), int(clamp_mode), float(delta), float(eps), scale_frames, scale)
+    # detached: the result is a value and a gradient, not a graph (out_grad="inplace" still bumps pred's
+    # version, which a detached tensor shares)
+    if out is None:
+        return torch.ops.chopgrad.pixel_loss_value_and_grad(pred.detach(), target, mask, *args)
+    sums = torch.ops.chopgrad.pixel_loss_value_and_grad_out(pred.detach(), target, mask, *args, out)
+    return sums, out
 
 
 def pixel_loss_frames(
@@ -418,44 +465,16 @@ def pixel_loss_frames(
     mask: torch.Tensor | None = None,
     *,
     kind: KindSpec = "mse",
-    clamp: Union[bool, str] = False,
+    clamp: ClampSpec = False,
     delta: float = HUBER_DELTA,
     eps: float = CHARBONNIER_EPS,
 ) -> torch.Tensor:
     """Per-frame loss sums only (no gradient computed or written); same rules as the value-and-grad."""
     weights = _parse_kind(kind)
-    clamp_mode = _parse_clamp(clamp)
+    clamp_mode = parse_clamp(clamp)
     _check_inputs(pred, target, mask, 1.0)
-    with torch.no_grad():
-        if use_triton(pred, target, mask if (mask is not None and mask.is_floating_point()) else None):
-            return _pixel_loss_triton(pred, target, mask, weights, clamp_mode, delta, eps, 1.0, None,
-                                      write_grad=False)[0]
-        return _pixel_loss_reference(pred, target, mask, weights, clamp_mode, delta, eps, 1.0, None,
-                                     write_grad=False)[0]
-
-
-class PixelLossFunction(torch.autograd.Function):
-    """Autograd wrapper: forward computes sums *and* the gradient, saves only the gradient.
-
-    Saved tensors: one tensor of ``pred``'s shape (the gradient), instead of
-    ``pred``, ``target`` (and intermediates) for an eager loss.  Backward
-    scales it by the per-frame upstream gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, pred, target, mask, kind, clamp, delta, eps):
-        if target.requires_grad:
-            raise ValueError("fused_pixel_loss treats target as a constant; detach target first")
-        sums, grad = pixel_loss_value_and_grad(pred.detach(), target, mask, kind=kind, clamp=clamp, delta=delta,
-                                               eps=eps)
-        ctx.save_for_backward(grad)
-        return sums
-
-    @staticmethod
-    def backward(ctx, grad_sums):
-        (grad,) = ctx.saved_tensors
-        g = grad * grad_sums.to(grad.dtype)[:, None, :, None, None]
-        return g, None, None, None, None, None, None
+    return torch.ops.chopgrad.pixel_loss_frames(pred.detach(), target, mask, *_encode_kind(weights),
+                                                int(clamp_mode), float(delta), float(eps))
 
 
 def fused_pixel_loss(
@@ -464,19 +483,28 @@ def fused_pixel_loss(
     mask: torch.Tensor | None = None,
     *,
     kind: KindSpec = "mse",
-    reduction: str = "mean",
-    clamp: Union[bool, str] = False,
+    reduction: str = "none",
+    clamp: ClampSpec = False,
     delta: float = HUBER_DELTA,
     eps: float = CHARBONNIER_EPS,
 ) -> torch.Tensor:
     """Differentiable fused pixel loss over ``(B, C, F, H, W)`` frames.
 
-    ``reduction``: ``"none"`` gives the ``(B, F)`` per-frame sums, ``"sum"``
+    ``reduction``: ``"none"`` (default, as :func:`fused_ssim`) gives the ``(B, F)`` per-frame sums, ``"sum"``
     their total, ``"mean"`` the total divided by ``pred.numel()`` (as
     ``F.mse_loss(..., reduction="mean")`` for an unmasked loss).  The graph
     keeps one gradient-sized tensor alive instead of the inputs.
     """
-    sums = PixelLossFunction.apply(pred, target, mask, kind, clamp, delta, eps)
+    if isinstance(target, torch.Tensor) and target.requires_grad:
+        raise ValueError("fused_pixel_loss treats target as a constant; detach target first")
+    weights = _parse_kind(kind)
+    clamp_mode = parse_clamp(clamp)
+    _check_inputs(pred, target, mask, 1.0)
+    if delta <= 0:
+        raise ValueError(f"delta must be > 0, got {delta}")
+    # the op's autograd formula keeps only the gradient it computed alongside the sums
+    sums, _ = torch.ops.chopgrad.pixel_loss_value_and_grad(pred, target, mask, *_encode_kind(weights),
+                                                           int(clamp_mode), float(delta), float(eps), None, 1.0)
     if reduction == "none":
         return sums
     if reduction == "sum":

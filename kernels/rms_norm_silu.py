@@ -27,10 +27,11 @@ padded buffer.
 Layout: ``_rms_norm_silu_fwd_kernel`` / ``_rms_norm_silu_bwd_kernel``
 (Triton) -> ``_norm_forward`` / ``_norm_backward`` (dispatching launchers
 with PyTorch references ``_norm_forward_reference`` /
-``_norm_backward_reference``) -> :class:`RMSNormSiLUFunction`,
-:class:`RMSNormSiLUPadFunction` -> :func:`rms_norm_silu`,
-:func:`rms_norm_silu_pad`.  :func:`rms_norm_silu_reference` is the eager
-diffusers math for tests.
+``_norm_backward_reference``) -> custom ops ``torch.ops.chopgrad.rms_norm_silu``,
+``rms_norm_silu_pad`` and ``rms_norm_silu_pad_conv3d``, each with a
+``*_backward`` op and the autograd formula that calls it -> :func:`rms_norm_silu`,
+:func:`rms_norm_silu_pad`, :func:`rms_norm_silu_pad_conv3d`.
+:func:`rms_norm_silu_reference` is the eager diffusers math for tests.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from ._args import computed_or_empty, not_computed
 from ._dispatch import check_float_tensor, tl, triton, triton_kernel, use_triton
-from .causal_pad import PadGeometry, causal_pad_backward, causal_pad_forward, interior, make_geometry
+from .causal_pad import causal_pad_backward, causal_pad_forward, geometry_from_sizes, interior, make_geometry
 
 BiasSpec = Union[None, float, torch.Tensor]
 
@@ -204,6 +206,11 @@ def _block(S: int, cuda: bool) -> int:
 # ---------------------------------------------------------------------------
 # argument handling
 # ---------------------------------------------------------------------------
+
+
+def norm_scale(channels: int, scale: float | None) -> float:
+    """The factor after the division by the norm: ``WanRMS_norm``'s ``sqrt(C)`` unless given."""
+    return float(channels**0.5) if scale is None else float(scale)
 
 
 def _prep_params(x: torch.Tensor, gamma: torch.Tensor, bias: BiasSpec):
@@ -404,21 +411,96 @@ def _norm_backward_reference(x, gamma, bias_t, bias_scalar, scale, rstd, gy, nee
 
 
 # ---------------------------------------------------------------------------
-# autograd Functions
+# custom ops (forward and backward) with their autograd formulas
 # ---------------------------------------------------------------------------
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _param_grads(ctx, dgamma, dbias, gamma, bias_t):
-    gg = dgamma.to(gamma.dtype).reshape(gamma.shape) if (dgamma is not None and ctx.needs_input_grad[1]) else None
-    gb = None
-    if bias_t is not None and dbias is not None and ctx.needs_input_grad[2]:
-        gb = dbias.to(bias_t.dtype).reshape(bias_t.shape)
+    gg = dgamma.to(gamma.dtype).reshape(gamma.shape) if ctx.needs_input_grad[1] else None
+    gb = dbias.to(bias_t.dtype).reshape(bias_t.shape) if (bias_t is not None and ctx.needs_input_grad[2]) else None
     return gg, gb
 
 
-def _grads_through_norm_pad(ctx, x, gamma, bias_t, rstd, g_pad, gnew, geo, bias_scalar, scale, triton_path,
+def _fake_param_grads(x, gamma, need_params):
+    C = x.shape[1]
+    if not need_params:
+        return not_computed(x), not_computed(x)
+    return x.new_empty((C,), dtype=_stat_dtype(x)), x.new_empty((C,), dtype=_stat_dtype(x))
+
+
+def _stat_shape(x: torch.Tensor):
+    S = 1
+    for n in x.shape[2:]:
+        S *= n
+    return (x.shape[0], S)
+
+
+@torch.library.custom_op("chopgrad::rms_norm_silu", mutates_args=())
+def _rms_norm_silu_op(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, bias_scalar: float,
+                      scale: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(silu(rms_norm(x)), signed statistic (B, S))``."""
+    triton_path = use_triton(x, gamma, bias)
+    if triton_path:
+        x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = _norm_forward(x, gamma, bias, bias_scalar, scale, eps, out, None, None, triton_path)
+    return out, rstd
+
+
+@_rms_norm_silu_op.register_fake
+def _(x, gamma, bias, bias_scalar, scale, eps):
+    return x.new_empty(x.shape), x.new_empty(_stat_shape(x), dtype=_stat_dtype(x))
+
+
+@torch.library.custom_op("chopgrad::rms_norm_silu_backward", mutates_args=())
+def _rms_norm_silu_backward_op(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, rstd: torch.Tensor,
+                               gy: torch.Tensor, bias_scalar: float, scale: float, need_x: bool,
+                               need_params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad x, dgamma (C,), dbias (C,))`` in the statistic's dtype; empty tensors where not asked for."""
+    triton_path = use_triton(x, gamma, bias)
+    if triton_path:
+        x = x.contiguous()
+    gx, dgamma, dbias = _norm_backward(x, gamma, bias, bias_scalar, scale, rstd, gy, None, None, need_x,
+                                       need_params, triton_path)
+    if gx is not None and not gx.is_contiguous():
+        gx = gx.contiguous()
+    return computed_or_empty(gx, x), computed_or_empty(dgamma, x), computed_or_empty(dbias, x)
+
+
+@_rms_norm_silu_backward_op.register_fake
+def _(x, gamma, bias, rstd, gy, bias_scalar, scale, need_x, need_params):
+    return (x.new_empty(x.shape) if need_x else not_computed(x)), *_fake_param_grads(x, gamma, need_params)
+
+
+def _rms_norm_silu_setup_context(ctx, inputs, output):
+    x, gamma, bias, bias_scalar, scale, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, gamma, bias, rstd)
+    ctx.cfg = (bias_scalar, scale)
+
+
+def _rms_norm_silu_autograd(ctx, gy, _grad_rstd):
+    x, gamma, bias, rstd = ctx.saved_tensors
+    bias_scalar, scale = ctx.cfg
+    need_x = ctx.needs_input_grad[0]
+    need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    gx, dgamma, dbias = torch.ops.chopgrad.rms_norm_silu_backward(x, gamma, bias, rstd, gy, bias_scalar, scale,
+                                                                  need_x, need_params)
+    gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias)
+    return (gx if need_x else None), gg, gb, None, None, None
+
+
+_rms_norm_silu_op.register_autograd(_rms_norm_silu_autograd, setup_context=_rms_norm_silu_setup_context)
+
+
+def _grads_through_norm_pad(x, gamma, bias_t, rstd, g_pad, gnew, geo, bias_scalar, scale, triton_path,
                             need_x, need_params, need_cache):
-    """Gradients of x, gamma, bias and the cache from the padded input's (and next cache's) gradient."""
+    """Gradients of x, gamma, bias (raw, statistic dtype) and the cache from the padded input's and next cache's."""
     gx = dgamma = dbias = None
     if need_x or need_params:
         gx, dgamma, dbias = _norm_backward(x, gamma, bias_t, bias_scalar, scale, rstd, g_pad, gnew, geo,
@@ -427,128 +509,206 @@ def _grads_through_norm_pad(ctx, x, gamma, bias_t, rstd, g_pad, gnew, geo, bias_
     if need_cache:
         _, gc = causal_pad_backward(g_pad, gnew, geo, need_x=False, need_cache=True, triton_path=triton_path,
                                     dtype=x.dtype, device=x.device)
-    gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias_t)
-    return gx, gg, gb, gc
+    if gx is not None and not gx.is_contiguous():
+        gx = gx.contiguous()
+    return computed_or_empty(gx, x), computed_or_empty(dgamma, x), computed_or_empty(dbias, x), computed_or_empty(gc, x)
 
 
-class RMSNormSiLUFunction(torch.autograd.Function):
-    """``silu(rms_norm(x))``; saves ``x`` and a ``(B, S)`` fp32 statistic."""
-
-    @staticmethod
-    def forward(ctx, x, gamma, bias_t, bias_scalar, scale, eps):
-        triton_path = use_triton(x, gamma, bias_t)
-        if triton_path:
-            x = x.contiguous()
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rstd = _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, out, None, None, triton_path)
-        ctx.save_for_backward(x, gamma, bias_t, rstd)
-        ctx.cfg = (bias_scalar, scale, triton_path)
-        return out
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, gamma, bias_t, rstd = ctx.saved_tensors
-        bias_scalar, scale, triton_path = ctx.cfg
-        need_x = ctx.needs_input_grad[0]
-        need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        gx, dgamma, dbias = _norm_backward(x, gamma, bias_t, bias_scalar, scale, rstd, gy, None, None,
-                                           need_x, need_params, triton_path)
-        gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias_t)
-        return gx, gg, gb, None, None, None
+def _fake_grads_through_norm_pad(x, gamma, cache_frames, need_x, need_params, need_cache):
+    gx = x.new_empty(x.shape) if need_x else not_computed(x)
+    gc = x.new_empty((*x.shape[:2], cache_frames, *x.shape[3:])) if (need_cache and cache_frames > 0) \
+        else not_computed(x)
+    return (gx, *_fake_param_grads(x, gamma, need_params), gc)
 
 
-class RMSNormSiLUPadFunction(torch.autograd.Function):
-    """``causal_pad(silu(rms_norm(x)), cache)``; saves ``x`` and the statistic, not the cache or the output."""
-
-    @staticmethod
-    def forward(ctx, x, gamma, bias_t, cache, bias_scalar, scale, eps, geo: PadGeometry, emit_cache):
-        triton_path = use_triton(x, gamma, bias_t, cache)
-        if triton_path:
-            x = x.contiguous()
-        out, newc = causal_pad_forward(x, cache, geo, emit_cache=emit_cache, skip_x=True, triton_path=triton_path)
-        rstd = _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, out, newc, geo, triton_path)
-        ctx.save_for_backward(x, gamma, bias_t, rstd)
-        ctx.cfg = (bias_scalar, scale, triton_path, geo)
-        ctx.set_materialize_grads(False)
-        if newc is None:
-            return out
-        return out, newc
-
-    @staticmethod
-    def backward(ctx, gout, gnew=None):
-        x, gamma, bias_t, rstd = ctx.saved_tensors
-        bias_scalar, scale, triton_path, geo = ctx.cfg
-        need_x = ctx.needs_input_grad[0]
-        need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        need_cache = ctx.needs_input_grad[3]
-        if gout is None:
-            gout = torch.zeros(geo.padded_shape(), dtype=x.dtype, device=x.device)
-        gx, gg, gb, gc = _grads_through_norm_pad(ctx, x, gamma, bias_t, rstd, gout, gnew, geo, bias_scalar, scale,
-                                                 triton_path, need_x, need_params, need_cache)
-        return gx, gg, gb, gc, None, None, None, None, None
+def _norm_silu_into_padded(x, gamma, bias, cache, bias_scalar, scale, eps, time_pad, pad_h, pad_w, cache_t,
+                           emit_cache):
+    """The padded buffer with ``silu(norm(x))`` in its interior, the next cache or empty, the signed statistic."""
+    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    triton_path = use_triton(x, gamma, bias, cache)
+    if triton_path:
+        x = x.contiguous()
+    x_pad, newc = causal_pad_forward(x, cache, geo, emit_cache=emit_cache, skip_x=True, triton_path=triton_path)
+    rstd = _norm_forward(x, gamma, bias, bias_scalar, scale, eps, x_pad, newc, geo, triton_path)
+    return x_pad, computed_or_empty(newc, x), rstd
 
 
-class RMSNormSiLUPadConvFunction(torch.autograd.Function):
-    """``conv3d(causal_pad(silu(rms_norm(x)), cache), weight, bias)`` without saving the padded input.
+@torch.library.custom_op("chopgrad::rms_norm_silu_pad", mutates_args=())
+def _rms_norm_silu_pad_op(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None,
+                          cache: torch.Tensor | None, bias_scalar: float, scale: float, eps: float, time_pad: int,
+                          pad_h: int, pad_w: int, cache_t: int,
+                          emit_cache: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_pad, next cache or empty, signed statistic)``."""
+    return _norm_silu_into_padded(x, gamma, bias, cache, bias_scalar, scale, eps, time_pad, pad_h, pad_w, cache_t,
+                                  emit_cache)
 
-    Saves ``x``, the statistic, the parameters and the (at most ``cache_t``
-    frames) cache; backward rebuilds the padded input with the fused producer
-    and calls ``aten.convolution_backward`` on it.
+
+@_rms_norm_silu_pad_op.register_fake
+def _(x, gamma, bias, cache, bias_scalar, scale, eps, time_pad, pad_h, pad_w, cache_t, emit_cache):
+    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    newc = x.new_empty(geo.cache_shape()) if emit_cache else not_computed(x)
+    return x.new_empty(geo.padded_shape()), newc, x.new_empty(_stat_shape(x), dtype=_stat_dtype(x))
+
+
+@torch.library.custom_op("chopgrad::rms_norm_silu_pad_backward", mutates_args=())
+def _rms_norm_silu_pad_backward_op(
+    x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, rstd: torch.Tensor, gout: torch.Tensor | None,
+    gnew: torch.Tensor | None, bias_scalar: float, scale: float, cache_frames: int, time_pad: int, pad_h: int,
+    pad_w: int, cache_t: int, need_x: bool, need_params: bool, need_cache: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad x, dgamma, dbias, grad cache)``; empty tensors where not asked for."""
+    geo = geometry_from_sizes(x.shape, cache_frames, time_pad, pad_h, pad_w, cache_t)
+    triton_path = use_triton(x, gamma, bias)
+    if triton_path:
+        x = x.contiguous()
+    if gout is None:
+        gout = torch.zeros(geo.padded_shape(), dtype=x.dtype, device=x.device)
+    return _grads_through_norm_pad(x, gamma, bias, rstd, gout, gnew, geo, bias_scalar, scale, triton_path,
+                                   need_x, need_params, need_cache)
+
+
+@_rms_norm_silu_pad_backward_op.register_fake
+def _(x, gamma, bias, rstd, gout, gnew, bias_scalar, scale, cache_frames, time_pad, pad_h, pad_w, cache_t, need_x,
+      need_params, need_cache):
+    return _fake_grads_through_norm_pad(x, gamma, cache_frames, need_x, need_params, need_cache)
+
+
+def _rms_norm_silu_pad_setup_context(ctx, inputs, output):
+    x, gamma, bias, cache, bias_scalar, scale, _, time_pad, pad_h, pad_w, cache_t, emit_cache = inputs
+    rstd = output[2]
+    ctx.mark_non_differentiable(rstd, *(() if emit_cache else (output[1],)))
+    ctx.emit_cache = emit_cache
+    # the cache and the padded output are not kept: backward needs x and the statistic only
+    ctx.save_for_backward(x, gamma, bias, rstd)
+    ctx.cfg = (bias_scalar, scale, 0 if cache is None else cache.shape[2], time_pad, pad_h, pad_w, cache_t)
+    ctx.set_materialize_grads(False)
+
+
+def _rms_norm_silu_pad_autograd(ctx, gout, gnew, _grad_rstd):
+    x, gamma, bias, rstd = ctx.saved_tensors
+    if not ctx.emit_cache:
+        gnew = None
+    need_x = ctx.needs_input_grad[0]
+    need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    need_cache = ctx.needs_input_grad[3] and ctx.cfg[2] > 0
+    gx, dgamma, dbias, gc = torch.ops.chopgrad.rms_norm_silu_pad_backward(
+        x, gamma, bias, rstd, gout, gnew, *ctx.cfg, need_x, need_params, need_cache)
+    gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias)
+    return (gx if need_x else None), gg, gb, (gc if need_cache else None), *([None] * 8)
+
+
+_rms_norm_silu_pad_op.register_autograd(_rms_norm_silu_pad_autograd, setup_context=_rms_norm_silu_pad_setup_context)
+
+
+def _conv3d_in_dtype(x_pad, weight, conv_bias, stride, dilation, groups):
+    # the conv runs in x's dtype even under autocast: backward calls convolution_backward on
+    # the rebuilt input with the saved weight, which needs the dtypes the forward used
+    with torch.autocast(device_type=x_pad.device.type, enabled=False):
+        return F.conv3d(x_pad, weight.to(x_pad.dtype), None if conv_bias is None else conv_bias.to(x_pad.dtype),
+                        stride, 0, dilation, groups)
+
+
+@torch.library.custom_op("chopgrad::rms_norm_silu_pad_conv3d", mutates_args=())
+def _rms_norm_silu_pad_conv3d_op(
+    x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, cache: torch.Tensor | None,
+    weight: torch.Tensor, conv_bias: torch.Tensor | None, bias_scalar: float, scale: float, eps: float,
+    time_pad: int, pad_h: int, pad_w: int, cache_t: int, emit_cache: bool, stride: list[int], dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(conv output, next cache or empty, signed statistic)``; the padded input lives only inside."""
+    x_pad, newc, rstd = _norm_silu_into_padded(x, gamma, bias, cache, bias_scalar, scale, eps, time_pad, pad_h, pad_w,
+                                               cache_t, emit_cache)
+    return _conv3d_in_dtype(x_pad, weight, conv_bias, stride, dilation, groups), newc, rstd
+
+
+@_rms_norm_silu_pad_conv3d_op.register_fake
+def _(x, gamma, bias, cache, weight, conv_bias, bias_scalar, scale, eps, time_pad, pad_h, pad_w, cache_t, emit_cache,
+      stride, dilation, groups):
+    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    out = _conv3d_in_dtype(x.new_empty(geo.padded_shape()), weight, conv_bias, stride, dilation, groups)
+    newc = x.new_empty(geo.cache_shape()) if emit_cache else not_computed(x)
+    return out, newc, x.new_empty(_stat_shape(x), dtype=_stat_dtype(x))
+
+
+@torch.library.custom_op("chopgrad::rms_norm_silu_pad_conv3d_backward", mutates_args=())
+def _rms_norm_silu_pad_conv3d_backward_op(
+    x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, rstd: torch.Tensor, cache: torch.Tensor | None,
+    weight: torch.Tensor, gout: torch.Tensor | None, gnew: torch.Tensor | None, bias_scalar: float, scale: float,
+    cache_frames: int, time_pad: int, pad_h: int, pad_w: int, cache_t: int, stride: list[int], dilation: list[int],
+    groups: int, has_conv_bias: bool, need_x: bool, need_params: bool, need_cache: bool, need_weight: bool,
+    need_conv_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad x, dgamma, dbias, grad cache, grad weight, grad conv bias)``; empty tensors where not asked for.
+
+    ``cache`` is the part of the cache the padded input used (``None`` when none was).
     """
-
-    @staticmethod
-    def forward(ctx, x, gamma, bias_t, cache, weight, conv_bias, bias_scalar, scale, eps, geo: PadGeometry,
-                emit_cache, conv_cfg):
-        triton_path = use_triton(x, gamma, bias_t, cache)
-        if triton_path:
-            x = x.contiguous()
-        stride, dilation, groups = conv_cfg
+    geo = geometry_from_sizes(x.shape, cache_frames, time_pad, pad_h, pad_w, cache_t)
+    triton_path = use_triton(x, gamma, bias, cache)
+    if triton_path:
+        x = x.contiguous()
+    g_pad = g_w = g_cb = None
+    if gout is not None:
         with torch.no_grad():
-            x_pad, newc = causal_pad_forward(x, cache, geo, emit_cache=emit_cache, skip_x=True,
-                                             triton_path=triton_path)
-            rstd = _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, x_pad, newc, geo, triton_path)
-            # the conv runs in x's dtype even under autocast: backward calls convolution_backward on
-            # the rebuilt input with the saved weight, which needs the dtypes the forward used
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                out = F.conv3d(x_pad, weight.to(x.dtype), None if conv_bias is None else conv_bias.to(x.dtype),
-                               stride, 0, dilation, groups)
+            x_pad, _ = causal_pad_forward(x, cache, geo, emit_cache=False, skip_x=True, triton_path=triton_path)
+            _norm_forward(x, gamma, bias, bias_scalar, scale, 0.0, x_pad, None, geo, triton_path, rstd=rstd)
+            g_pad, g_w, g_cb = torch.ops.aten.convolution_backward(
+                gout.to(x.dtype), x_pad, weight.to(x.dtype), [weight.shape[0]] if has_conv_bias else None,
+                list(stride), [0, 0, 0], list(dilation), False, [0, 0, 0], groups,
+                [need_x or need_params or need_cache, need_weight, need_conv_bias and has_conv_bias],
+            )
         del x_pad
-        used_cache = cache if (cache is not None and geo.TCP > 0) else None
-        ctx.save_for_backward(x, gamma, bias_t, rstd, used_cache, weight)
-        ctx.cfg = (bias_scalar, scale, eps, triton_path, geo, conv_cfg, conv_bias is not None)
-        ctx.set_materialize_grads(False)
-        if newc is None:
-            return out
-        return out, newc
+    if g_pad is None:
+        g_pad = torch.zeros(geo.padded_shape(), dtype=x.dtype, device=x.device)
+    gx, dgamma, dbias, gc = _grads_through_norm_pad(x, gamma, bias, rstd, g_pad, gnew, geo, bias_scalar, scale,
+                                                    triton_path, need_x, need_params, need_cache)
+    g_w = g_w.to(weight.dtype) if (g_w is not None and need_weight) else not_computed(x)
+    g_cb = g_cb.to(weight.dtype) if (g_cb is not None and need_conv_bias) else not_computed(x)
+    return gx, dgamma, dbias, gc, g_w, g_cb
 
-    @staticmethod
-    def backward(ctx, gout, gnew=None):
-        x, gamma, bias_t, rstd, cache, weight = ctx.saved_tensors
-        bias_scalar, scale, eps, triton_path, geo, (stride, dilation, groups), has_cbias = ctx.cfg
-        need_x, need_gamma, need_bias, need_cache, need_w, need_cb = ctx.needs_input_grad[:6]
-        need_params = need_gamma or need_bias
-        g_pad = None
-        g_w = g_cb = None
-        if gout is not None:
-            with torch.no_grad():
-                x_pad, _ = causal_pad_forward(x, cache, geo, emit_cache=False, skip_x=True, triton_path=triton_path)
-                _norm_forward(x, gamma, bias_t, bias_scalar, scale, eps, x_pad, None, geo, triton_path, rstd=rstd)
-                g_pad, g_w, g_cb = torch.ops.aten.convolution_backward(
-                    gout.to(x.dtype), x_pad, weight.to(x.dtype), [weight.shape[0]] if has_cbias else None,
-                    list(stride), [0, 0, 0],
-                    list(dilation), False, [0, 0, 0], groups,
-                    [need_x or need_params or need_cache, need_w, need_cb and has_cbias],
-                )
-            del x_pad
-        if g_pad is None:
-            g_pad = torch.zeros(geo.padded_shape(), dtype=x.dtype, device=x.device)
-        gx, gg, gb, gc = _grads_through_norm_pad(ctx, x, gamma, bias_t, rstd, g_pad, gnew, geo, bias_scalar, scale,
-                                                 triton_path, need_x, need_params, need_cache)
-        if g_w is not None:
-            g_w = g_w.to(weight.dtype)
-        if g_cb is not None:
-            g_cb = g_cb.to(weight.dtype)
-        return gx, gg, gb, gc, g_w if need_w else None, g_cb if need_cb else None, None, None, None, None, None, None
+
+@_rms_norm_silu_pad_conv3d_backward_op.register_fake
+def _(x, gamma, bias, rstd, cache, weight, gout, gnew, bias_scalar, scale, cache_frames, time_pad, pad_h, pad_w,
+      cache_t, stride, dilation, groups, has_conv_bias, need_x, need_params, need_cache, need_weight, need_conv_bias):
+    grads = _fake_grads_through_norm_pad(x, gamma, cache_frames, need_x, need_params, need_cache)
+    g_w = weight.new_empty(weight.shape) if (gout is not None and need_weight) else not_computed(x)
+    has_cb = gout is not None and need_conv_bias and has_conv_bias
+    g_cb = weight.new_empty((weight.shape[0],)) if has_cb else not_computed(x)
+    return (*grads, g_w, g_cb)
+
+
+def _rms_norm_silu_pad_conv3d_setup_context(ctx, inputs, output):
+    (x, gamma, bias, cache, weight, conv_bias, bias_scalar, scale, _, time_pad, pad_h, pad_w, cache_t, emit_cache,
+     stride, dilation, groups) = inputs
+    rstd = output[2]
+    ctx.mark_non_differentiable(rstd, *(() if emit_cache else (output[1],)))
+    ctx.emit_cache = emit_cache
+    cache_frames = 0 if cache is None else cache.shape[2]
+    # the padded input is rebuilt in backward; of the cache only what it used is kept
+    used_cache = cache if (cache is not None and min(cache_frames, time_pad) > 0) else None
+    ctx.save_for_backward(x, gamma, bias, rstd, used_cache, weight)
+    ctx.cfg = (bias_scalar, scale, cache_frames, time_pad, pad_h, pad_w, cache_t, list(stride), list(dilation),
+               groups, conv_bias is not None)
+    ctx.set_materialize_grads(False)
+
+
+def _rms_norm_silu_pad_conv3d_autograd(ctx, gout, gnew, _grad_rstd):
+    x, gamma, bias, rstd, cache, weight = ctx.saved_tensors
+    if not ctx.emit_cache:
+        gnew = None
+    need_x, need_gamma, need_bias, need_cache, need_w, need_cb = ctx.needs_input_grad[:6]
+    need_cache = need_cache and ctx.cfg[2] > 0
+    need_cb = need_cb and ctx.cfg[-1]
+    gx, dgamma, dbias, gc, g_w, g_cb = torch.ops.chopgrad.rms_norm_silu_pad_conv3d_backward(
+        x, gamma, bias, rstd, cache, weight, gout, gnew, *ctx.cfg, need_x, need_gamma or need_bias, need_cache,
+        need_w, need_cb)
+    gg, gb = _param_grads(ctx, dgamma, dbias, gamma, bias)
+    return ((gx if need_x else None), gg, gb, (gc if need_cache else None),
+            (g_w if (need_w and gout is not None) else None), (g_cb if (need_cb and gout is not None) else None),
+            *([None] * 11))
+
+
+_rms_norm_silu_pad_conv3d_op.register_autograd(_rms_norm_silu_pad_conv3d_autograd,
+                                               setup_context=_rms_norm_silu_pad_conv3d_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -576,8 +736,8 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: BiasSpec = None, *
     if x.dim() < 2:
         raise ValueError(f"x must be channel-first (B, C, ...), got shape {tuple(x.shape)}")
     bias_t, bias_scalar = _prep_params(x, gamma, bias)
-    scale = float(x.shape[1] ** 0.5) if scale is None else float(scale)
-    return RMSNormSiLUFunction.apply(x, gamma, bias_t, bias_scalar, scale, float(eps))
+    scale = norm_scale(x.shape[1], scale)
+    return torch.ops.chopgrad.rms_norm_silu(x, gamma, bias_t, bias_scalar, scale, float(eps))[0]
 
 
 def rms_norm_silu_pad(
@@ -602,10 +762,12 @@ def rms_norm_silu_pad(
     ``x_pad`` and, with ``emit_cache``, the next cache.  Saved for backward:
     ``x`` and the fp32 statistic only.
     """
-    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
     bias_t, bias_scalar = _prep_params(x, gamma, bias)
-    scale = float(x.shape[1] ** 0.5) if scale is None else float(scale)
-    return RMSNormSiLUPadFunction.apply(x, gamma, bias_t, cache, bias_scalar, scale, float(eps), geo, emit_cache)
+    scale = norm_scale(x.shape[1], scale)
+    out, newc, _ = torch.ops.chopgrad.rms_norm_silu_pad(x, gamma, bias_t, cache, bias_scalar, scale, float(eps),
+                                                        time_pad, pad_h, pad_w, cache_t, emit_cache)
+    return (out, newc) if emit_cache else out
 
 
 def rms_norm_silu_pad_conv3d(
@@ -636,21 +798,22 @@ def rms_norm_silu_pad_conv3d(
     producer, which costs one extra elementwise pass.  Returns the conv output
     and, with ``emit_cache``, the next cache (post-SiLU frames).
     """
-    geo = make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
+    make_geometry(x, cache, time_pad, pad_h, pad_w, cache_t)
     bias_t, bias_scalar = _prep_params(x, gamma, bias)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 5 or weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"weight must be a conv3d weight (C_out, C/groups, kT, kH, kW) for C = {x.shape[1]}, "
                          f"got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    scale = float(x.shape[1] ** 0.5) if scale is None else float(scale)
-    conv_cfg = (tuple(stride), tuple(dilation), int(groups))
-    return RMSNormSiLUPadConvFunction.apply(x, gamma, bias_t, cache, weight, conv_bias, bias_scalar, scale,
-                                            float(eps), geo, emit_cache, conv_cfg)
+    scale = norm_scale(x.shape[1], scale)
+    out, newc, _ = torch.ops.chopgrad.rms_norm_silu_pad_conv3d(
+        x, gamma, bias_t, cache, weight, conv_bias, bias_scalar, scale, float(eps), time_pad, pad_h, pad_w, cache_t,
+        emit_cache, [int(v) for v in stride], [int(v) for v in dilation], int(groups))
+    return (out, newc) if emit_cache else out
 
 
 def rms_norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, bias: BiasSpec = None, *, eps: float = 1e-12,
                             scale: float | None = None) -> torch.Tensor:
     """diffusers' eager math (``WanRMS_norm`` then ``SiLU``), with autograd, for tests and benchmarks."""
-    scale = float(x.shape[1] ** 0.5) if scale is None else float(scale)
+    scale = norm_scale(x.shape[1], scale)
     needs_fp32 = x.dtype in (torch.float16, torch.bfloat16)
     normalized = F.normalize(x.float() if needs_fp32 else x, dim=1, eps=eps).to(x.dtype)
     g = gamma.reshape((x.shape[1],) + (1,) * (x.dim() - 2))

@@ -26,20 +26,20 @@ same way and writes the gradient.  The target is treated as a constant.
 
 Layout: ``_ssim_fwd_kernel`` / ``_ssim_bwd_kernel`` (Triton) ->
 ``_ssim_triton`` (launcher) -> ``_ssim_reference`` (PyTorch, same outputs) ->
-:func:`ssim_value_and_grad` (public, dispatch), :func:`ssim_frames` (value
-only) and :class:`SSIMFunction` / :func:`fused_ssim` (autograd wrapper saving
-only the gradient).
+custom ops ``torch.ops.chopgrad.ssim_value_and_grad`` (dispatch; its autograd
+formula saves only the gradient), ``ssim_value_and_grad_out`` and
+``ssim_frames`` -> :func:`ssim_value_and_grad`, :func:`ssim_frames` and
+:func:`fused_ssim` (public).
 """
 
 from __future__ import annotations
-
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import check_float_tensor, check_same, tl, triton, triton_kernel, use_triton
-from .pixel_losses import _parse_clamp, _resolve_out
+from ._args import (CLAMP_NONE, CLAMP_PRE, Clamp, ClampSpec, GradScale, OutGrad, check_grad_scale, merge_grad_scale,
+                    parse_clamp, register_value_and_grad_autograd, resolve_out, split_grad_scale)
 
 WIN_SIZE = 11
 WIN_SIGMA = 1.5
@@ -107,7 +107,7 @@ def _ssim_fwd_kernel(
         m = row_ok[:, None] & (ic < W)[None, :]
         xv = tl.load(xbase + ir[:, None] * xsh + ic[None, :] * xsw, mask=m, other=0.0).to(tl.float32)
         yv = tl.load(ybase + ir[:, None] * ysh + ic[None, :] * ysw, mask=m, other=0.0).to(tl.float32)
-        if CLAMP == 2:
+        if CLAMP == CLAMP_PRE:
             xv = tl.minimum(tl.maximum(xv, -1.0), 1.0)
         hx += wj * xv
         hy += wj * yv
@@ -202,14 +202,14 @@ def _ssim_bwd_kernel(
     go = b64 * gsb + c64 * gsc + f64 * gsf + ih[:, None] * gsh + iw[None, :] * gsw
     xr = tl.load(x_ptr + xo, mask=inb, other=0.0).to(tl.float32)
     yv = tl.load(y_ptr + yo, mask=inb, other=0.0).to(tl.float32)
-    if CLAMP == 2:
+    if CLAMP == CLAMP_PRE:
         xv = tl.minimum(tl.maximum(xr, -1.0), 1.0)
         passes = (xr >= -1.0) & (xr <= 1.0)
     else:
         xv = xr
         passes = tl.abs(xr) < 1.0
     g = acc_a + 2.0 * xv * acc_b + yv * acc_c
-    if CLAMP != 0:
+    if CLAMP != CLAMP_NONE:
         g = tl.where(passes, g, 0.0)
     tl.store(g_ptr + go, g.to(g_ptr.dtype.element_ty), mask=inb)
 
@@ -244,7 +244,7 @@ def _ssim_triton(pred, target, clamp_mode, data_range, grad_scale, out, write_gr
         C, Fr, H, W, HV, WV, ntw, ntiles,
         *pred.stride(), *target.stride(),
         (K1 * data_range) ** 2, (K2 * data_range) ** 2, inv_n, 1.0 if scale_per_frame else float(grad_scale),
-        CLAMP=clamp_mode, WRITE_ABC=write_grad, SCALE_PER_FRAME=scale_per_frame, BH=BH, BW=BW, RH=RH, KS=WIN_SIZE,
+        CLAMP=int(clamp_mode), WRITE_ABC=write_grad, SCALE_PER_FRAME=scale_per_frame, BH=BH, BW=BW, RH=RH, KS=WIN_SIZE,
     )
     values = partial.view(B, Fr, C * ntiles).sum(-1) * inv_n
     if not write_grad:
@@ -256,7 +256,7 @@ def _ssim_triton(pred, target, clamp_mode, data_range, grad_scale, out, write_gr
         pred, target, win, abc, out,
         C, Fr, H, W, HV, WV, btw,
         *pred.stride(), *target.stride(), *out.stride(),
-        CLAMP=clamp_mode, BH=BH, BW=BW, RH=RH, KS=WIN_SIZE,
+        CLAMP=int(clamp_mode), BH=BH, BW=BW, RH=RH, KS=WIN_SIZE,
     )
     return values, out
 
@@ -295,7 +295,7 @@ def _ssim_reference(pred, target, clamp_mode, data_range, grad_scale, out, write
     dt = torch.float64 if pred.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         xr = _planes(pred, dt)
-        x = xr.clamp(-1.0, 1.0) if clamp_mode == 2 else xr
+        x = xr.clamp(-1.0, 1.0) if clamp_mode == Clamp.PRE else xr
         y = _planes(target, dt)
         g1 = gaussian_window(dtype=dt, device=pred.device).tolist()
         mom = _filter_valid(torch.cat([x, y, x * x, y * y, x * y], dim=1), g1)
@@ -325,9 +325,9 @@ def _ssim_reference(pred, target, clamp_mode, data_range, grad_scale, out, write
         k = WIN_SIZE - 1
         full = _filter_valid(F.pad(abc, (k, k, k, k)), g1)
         g = full[:, 0:1] + 2 * x * full[:, 1:2] + y * full[:, 2:3]
-        if clamp_mode == 2:
+        if clamp_mode == Clamp.PRE:
             g = torch.where((xr >= -1) & (xr <= 1), g, 0.0)
-        elif clamp_mode == 1:
+        elif clamp_mode == Clamp.POST:
             g = torch.where(xr.abs() < 1, g, 0.0)
         g = g.reshape(B, Fr, C, H, W).permute(0, 2, 1, 3, 4)
         if out is None:
@@ -337,7 +337,7 @@ def _ssim_reference(pred, target, clamp_mode, data_range, grad_scale, out, write
 
 
 # ---------------------------------------------------------------------------
-# public API
+# argument checks
 # ---------------------------------------------------------------------------
 
 
@@ -348,22 +348,85 @@ def _check(pred, target, grad_scale, data_range):
     check_frame_size(*pred.shape[-2:])
     if not (isinstance(data_range, (int, float)) and data_range > 0):
         raise ValueError(f"data_range must be a positive number, got {data_range!r}")
-    if isinstance(grad_scale, torch.Tensor):
-        B, _, Fr = pred.shape[:3]
-        if grad_scale.shape != (B, Fr):
-            raise ValueError(f"grad_scale tensor must have shape (B, F) = ({B}, {Fr}), got {tuple(grad_scale.shape)}")
-        if grad_scale.device != pred.device:
-            raise ValueError(f"grad_scale is on {grad_scale.device} but pred is on {pred.device}")
+    check_grad_scale(pred, grad_scale)
+
+
+# ---------------------------------------------------------------------------
+# custom ops (the dispatch lives inside them) and the autograd formula
+# ---------------------------------------------------------------------------
+
+
+def _values_dtype(pred: torch.Tensor) -> torch.dtype:
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+def _compute(pred, target, clamp, data_range, grad_scale, out, write_grad):
+    clamp_mode = Clamp(clamp)
+    if use_triton(pred, target):
+        with torch.no_grad():
+            return _ssim_triton(pred, target, clamp_mode, data_range, grad_scale, out, write_grad=write_grad)
+    return _ssim_reference(pred, target, clamp_mode, data_range, grad_scale, out, write_grad=write_grad)
+
+
+@torch.library.custom_op("chopgrad::ssim_value_and_grad", mutates_args=())
+def _ssim_value_and_grad_op(pred: torch.Tensor, target: torch.Tensor, clamp: int, data_range: float,
+                            grad_scale_frames: torch.Tensor | None,
+                            grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-frame SSIM, gradient of their sum)``."""
+    return _compute(pred, target, clamp, data_range, merge_grad_scale(grad_scale_frames, grad_scale), None, True)
+
+
+@_ssim_value_and_grad_op.register_fake
+def _(pred, target, clamp, data_range, grad_scale_frames, grad_scale):
+    B, _, Fr = pred.shape[:3]
+    return pred.new_empty((B, Fr), dtype=_values_dtype(pred)), pred.new_empty(pred.shape)
+
+
+register_value_and_grad_autograd(_ssim_value_and_grad_op, num_inputs=6)
+
+
+@torch.library.custom_op("chopgrad::ssim_value_and_grad_out", mutates_args=("out",))
+def _ssim_value_and_grad_out_op(pred: torch.Tensor, target: torch.Tensor, clamp: int, data_range: float,
+                                grad_scale_frames: torch.Tensor | None, grad_scale: float,
+                                out: torch.Tensor) -> torch.Tensor:
+    """Per-frame SSIM; the gradient goes to ``out``, which may be ``pred`` (pass 2 reads ``pred`` only where it
+    writes)."""
+    values, _ = _compute(pred, target, clamp, data_range, merge_grad_scale(grad_scale_frames, grad_scale), out, True)
+    return values
+
+
+@_ssim_value_and_grad_out_op.register_fake
+def _(pred, target, clamp, data_range, grad_scale_frames, grad_scale, out):
+    B, _, Fr = pred.shape[:3]
+    return pred.new_empty((B, Fr), dtype=_values_dtype(pred))
+
+
+@torch.library.custom_op("chopgrad::ssim_frames", mutates_args=())
+def _ssim_frames_op(pred: torch.Tensor, target: torch.Tensor, clamp: int, data_range: float) -> torch.Tensor:
+    """Per-frame SSIM only."""
+    with torch.no_grad():
+        return _compute(pred, target, clamp, data_range, 1.0, None, False)[0]
+
+
+@_ssim_frames_op.register_fake
+def _(pred, target, clamp, data_range):
+    B, _, Fr = pred.shape[:3]
+    return pred.new_empty((B, Fr), dtype=_values_dtype(pred))
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
 
 
 def ssim_value_and_grad(
     pred: torch.Tensor,
     target: torch.Tensor,
     *,
-    clamp: Union[bool, str] = False,
+    clamp: ClampSpec = False,
     data_range: float = 2.0,
-    grad_scale: Union[float, torch.Tensor] = 1.0,
-    out_grad: Union[None, str, torch.Tensor] = None,
+    grad_scale: GradScale = 1.0,
+    out_grad: OutGrad = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame SSIM and the gradient of their sum with respect to ``pred``.
 
@@ -387,50 +450,35 @@ def ssim_value_and_grad(
         and valid positions, as ``pytorch_msssim.ssim(..., size_average=False)``
         on each frame), ``grad = grad_scale * d ssim.sum() / d pred``.
     """
-    clamp_mode = _parse_clamp(clamp)
+    clamp_mode = parse_clamp(clamp)
     _check(pred, target, grad_scale, data_range)
-    out = _resolve_out(pred, out_grad)
-    if use_triton(pred, target):
-        with torch.no_grad():
-            values, grad = _ssim_triton(pred, target, clamp_mode, float(data_range), grad_scale, out)
-        if out is not None:
-            torch.autograd.graph.increment_version(out)
-        return values, grad
-    return _ssim_reference(pred, target, clamp_mode, float(data_range), grad_scale, out)
+    out = resolve_out(pred, out_grad)
+    scale_frames, scale = split_grad_scale(grad_scale)
+    args = (int(clamp_mode), float(data_range), scale_frames, scale)
+    # detached: the result is a value and a gradient, not a graph (out_grad="inplace" still bumps pred's
+    # version, which a detached tensor shares)
+    if out is None:
+        return torch.ops.chopgrad.ssim_value_and_grad(pred.detach(), target, *args)
+    return torch.ops.chopgrad.ssim_value_and_grad_out(pred.detach(), target, *args, out), out
 
 
-def ssim_frames(pred: torch.Tensor, target: torch.Tensor, *, clamp: Union[bool, str] = False,
+def ssim_frames(pred: torch.Tensor, target: torch.Tensor, *, clamp: ClampSpec = False,
                 data_range: float = 2.0) -> torch.Tensor:
     """Per-frame SSIM ``(B, F)`` only (no gradient pass)."""
-    clamp_mode = _parse_clamp(clamp)
+    clamp_mode = parse_clamp(clamp)
     _check(pred, target, 1.0, data_range)
-    with torch.no_grad():
-        if use_triton(pred, target):
-            return _ssim_triton(pred, target, clamp_mode, float(data_range), 1.0, None, write_grad=False)[0]
-        return _ssim_reference(pred, target, clamp_mode, float(data_range), 1.0, None, write_grad=False)[0]
-
-
-class SSIMFunction(torch.autograd.Function):
-    """Autograd wrapper saving only the gradient (one ``pred``-sized tensor)."""
-
-    @staticmethod
-    def forward(ctx, pred, target, clamp, data_range):
-        if target.requires_grad:
-            raise ValueError("fused_ssim treats target as a constant; detach target first")
-        values, grad = ssim_value_and_grad(pred.detach(), target, clamp=clamp, data_range=data_range)
-        ctx.save_for_backward(grad)
-        return values
-
-    @staticmethod
-    def backward(ctx, grad_values):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_values.to(grad.dtype)[:, None, :, None, None], None, None, None
+    return torch.ops.chopgrad.ssim_frames(pred.detach(), target, int(clamp_mode), float(data_range))
 
 
 def fused_ssim(pred: torch.Tensor, target: torch.Tensor, *, reduction: str = "none",
-               clamp: Union[bool, str] = False, data_range: float = 2.0) -> torch.Tensor:
+               clamp: ClampSpec = False, data_range: float = 2.0) -> torch.Tensor:
     """Differentiable per-frame SSIM: ``"none"`` -> ``(B, F)``, ``"mean"`` -> mean over frames."""
-    values = SSIMFunction.apply(pred, target, clamp, data_range)
+    if isinstance(target, torch.Tensor) and target.requires_grad:
+        raise ValueError("fused_ssim treats target as a constant; detach target first")
+    clamp_mode = parse_clamp(clamp)
+    _check(pred, target, 1.0, data_range)
+    # the op's autograd formula keeps only the gradient it computed alongside the values
+    values, _ = torch.ops.chopgrad.ssim_value_and_grad(pred, target, int(clamp_mode), float(data_range), None, 1.0)
     if reduction == "none":
         return values
     if reduction == "mean":
@@ -440,4 +488,4 @@ def fused_ssim(pred: torch.Tensor, target: torch.Tensor, *, reduction: str = "no
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-__all__ = ["ssim_value_and_grad", "ssim_frames", "fused_ssim", "SSIMFunction", "check_frame_size", "gaussian_window"]
+__all__ = ["ssim_value_and_grad", "ssim_frames", "fused_ssim", "check_frame_size", "gaussian_window"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chopgrad.bench.methods import checkpointed_loss, full_backprop_loss
+from chopgrad.tools.bench.methods import checkpointed_loss, full_backprop_loss
 from tiny_models import MODELS
 
 LATENT_SHAPES = {"wan21": (1, 4, 3, 4, 5), "wan22": (1, 4, 3, 3, 2), "cogvideox": (1, 4, 5, 3, 5)}
@@ -42,9 +42,9 @@ def test_worker_warms_up_on_a_prefix_then_measures_and_times_full_steps(tmp_path
     (one-time costs paid before the peak is reset); then the memory step, then the timed repeats."""
     import json
 
-    import chopgrad.bench.methods as methods
-    from chopgrad.bench import worker
-    from chopgrad.bench.workloads import load_model, make_inputs
+    import chopgrad.tools.bench.methods as methods
+    from chopgrad.tools.bench import worker
+    from chopgrad.tools.bench.workloads import load_model, make_inputs
 
     vae = load_model("tiny-wan21")
     latents, target = make_inputs(vae, 17, 32, 32)

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from chopgrad.cli import main
+from chopgrad.tools.cli import build_parser, main
 
 TINY = ["--frames", "5", "9", "--sizes", "16", "--repeats", "1", "--threads", "1", "--no-progress"]
 
@@ -49,7 +49,7 @@ def test_bench_end_to_end(tmp_path, capsys):
 
 
 def test_bench_oom_rows_reported(tmp_path, capsys):
-    # 0.001 GB: every worker is over budget as soon as it starts; the run completes and says OOM
+    # 0.001 GiB: every worker is over budget as soon as it starts; the run completes and says OOM
     code, out = run_cli(capsys, "bench", "--model", "tiny-wan21", "--frames", "5", "--sizes", "16", "--repeats", "1",
                         "--d-trunc", "0", "--schedules", "sliding", "--memory-budget", "0.001", "--no-progress",
                         "--out", str(tmp_path))
@@ -85,7 +85,7 @@ def test_bench_stopped_by_sigterm_keeps_the_measured_rows(tmp_path):
 def test_bench_local_diffusers_folder(tmp_path, capsys):
     from diffusers import AutoencoderKLWan
 
-    from chopgrad.bench.workloads import TINY_WAN21_CONFIG
+    from chopgrad.tools.bench.workloads import TINY_WAN21_CONFIG
 
     torch.manual_seed(0)
     folder = tmp_path / "my_vae"
@@ -146,8 +146,8 @@ def test_probe_cli(tmp_path, capsys):
 
 
 def test_default_model_loads_for_bench():
-    from chopgrad.bench.bench import check_shapes
-    from chopgrad.bench.workloads import latent_shape, load_model
+    from chopgrad.tools.bench.bench import check_shapes
+    from chopgrad.tools.bench.workloads import latent_shape, load_model
 
     vae = load_model("default")
     assert type(vae).__name__ == "AutoencoderKLWan" and vae.config.z_dim == 32
@@ -156,7 +156,7 @@ def test_default_model_loads_for_bench():
 
 
 def _row(frames, method, d=None, schedule="sliding", status="ok", peak=100, time_s=1.0, loss=0.5):
-    from chopgrad.bench.methods import method_label
+    from chopgrad.tools.bench.methods import method_label
 
     return dict(size=32, frames=frames, method=method, d_trunc=d, schedule=schedule,
                 label=method_label(method, d, schedule), status=status, detail="", loss=loss,
@@ -164,19 +164,24 @@ def _row(frames, method, d=None, schedule="sliding", status="ok", peak=100, time
                 frames_per_s=frames / time_s if status == "ok" else None, cosine=None, rel_error=None)
 
 
-def test_table_bars_and_loss_guard(capsys):
-    from chopgrad.bench.bench import _check_same_loss, check_bars, format_table
+def test_table_summary_and_loss_guard(capsys):
+    from chopgrad.tools.bench.bench import _check_same_loss, format_summary, format_table
 
     rows = [_row(17, "full", peak=70), _row(17, "pixel_loss", 1, peak=58), _row(17, "pixel_loss", 1, "chunked"),
-            _row(129, "full", status="oom"), _row(129, "checkpoint", peak=97, time_s=2.0),
-            _row(129, "pixel_loss", 1, peak=59), _row(129, "pixel_loss", 1, "chunked", time_s=0.9)]
+            _row(129, "full", peak=600, time_s=1.8), _row(129, "checkpoint", status="oom"),
+            _row(129, "pixel_loss", 1, peak=60), _row(129, "pixel_loss", 1, "chunked", time_s=0.9)]
+    rows[5]["cosine"] = 0.98765
     table = format_table(rows)
-    assert "| 32x32 | 129 | full backprop | OOM | - |" in table
+    assert "| 32x32 | 129 | checkpointed (per step) | OOM | - |" in table
     assert "| 32x32 | 17 | chopgrad sliding d=1 | 58.0 | 0.83x |" in table
-    bars = {name: passed for name, passed, _ in check_bars(rows)}
-    assert bars["sliding d=1 peak at 129 / at 17 frames <= 1.15"] is True
-    assert not any("peak / full backprop peak" in name for name in bars)  # full backprop OOM: not evaluated
-    assert bars["correct checkpointing reported"] is True
+    assert format_summary(rows).splitlines() == [
+        "at 32x32, 129 frames (ratios against full backprop):",
+        "  checkpointed (per step): OOM",
+        "  chopgrad sliding d=1: 0.10x peak memory, 0.56x time, latent-gradient cosine 0.9877",
+        "  chopgrad chunked d=1: 0.17x peak memory, 0.50x time"]
+    without_full = format_summary([r for r in rows if r["method"] != "full"]).splitlines()
+    assert without_full[0] == "at 32x32, 129 frames:"
+    assert without_full[2] == "  chopgrad sliding d=1: peak 60.0 MiB, 1.000 s/step, latent-gradient cosine 0.9877"
     row = dict(_row(17, "pixel_loss", 1, loss=0.25), cosine=0.9, rel_error=0.1)
     _check_same_loss(row, 0.5)
     assert row["cosine"] is None and "differs from full backprop" in row["detail"]
@@ -196,7 +201,7 @@ def test_table_bars_and_loss_guard(capsys):
 def test_default_threads_counts_the_busiest_load_average(monkeypatch, loads, cores, expected):
     import os
 
-    from chopgrad.bench.bench import default_threads
+    from chopgrad.tools.bench.bench import default_threads
 
     monkeypatch.setattr(os, "getloadavg", lambda: loads)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
@@ -224,16 +229,16 @@ def expect_usage_error(capsys, argv) -> tuple[str, str]:
 
 @pytest.fixture
 def no_work(monkeypatch):
-    import chopgrad.bench.bench
-    import chopgrad.bench.workloads
-    import chopgrad.probe
+    import chopgrad.tools.bench.bench
+    import chopgrad.tools.bench.workloads
+    import chopgrad.tools.probe
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(chopgrad.bench.workloads, "make_inputs", forbidden)
-    monkeypatch.setattr(chopgrad.probe, "probe_locality", forbidden)
-    monkeypatch.setattr(chopgrad.bench.bench, "run_bench", forbidden)
+    monkeypatch.setattr(chopgrad.tools.bench.workloads, "make_inputs", forbidden)
+    monkeypatch.setattr(chopgrad.tools.probe, "probe_locality", forbidden)
+    monkeypatch.setattr(chopgrad.tools.bench.bench, "run_bench", forbidden)
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +324,7 @@ def test_cogvideox_frame_count_it_cannot_decode_is_one_error_line(argv, message,
 
 
 def test_cogvideox_decodable_frame_counts_are_those_its_encode_and_decode_round_trip(cogvideox_folder):
-    from chopgrad.bench.workloads import is_decodable, load_model, nearest_decodable
+    from chopgrad.tools.bench.workloads import is_decodable, load_model, nearest_decodable
 
     vae = load_model(str(cogvideox_folder))
     for frames in range(1, 27):
@@ -363,14 +368,14 @@ class _Reached(Exception):
 @pytest.mark.parametrize("command", ["probe", "bench"])
 def test_valid_arguments_reach_the_work(command, cogvideox_folder, tmp_path, monkeypatch):
     """The checks accept an existing output folder, a missing parent and a frame count CogVideoX decodes."""
-    import chopgrad.bench.bench
-    import chopgrad.bench.workloads
+    import chopgrad.tools.bench.bench
+    import chopgrad.tools.bench.workloads
 
     def reached(*args, **kwargs):
         raise _Reached
 
-    monkeypatch.setattr(chopgrad.bench.workloads, "make_inputs", reached)
-    monkeypatch.setattr(chopgrad.bench.bench, "run_bench", reached)
+    monkeypatch.setattr(chopgrad.tools.bench.workloads, "make_inputs", reached)
+    monkeypatch.setattr(chopgrad.tools.bench.bench, "run_bench", reached)
     sizes = ["--size", "16"] if command == "probe" else ["--sizes", "16"]
     for out in (tmp_path, tmp_path / "new" / "nested"):
         with pytest.raises(_Reached):
@@ -380,7 +385,7 @@ def test_valid_arguments_reach_the_work(command, cogvideox_folder, tmp_path, mon
 def test_local_folder_with_pickle_weights_loads_without_diffusers_errors(tmp_path, capfd):
     from tiny_models import tiny_cogvideox
 
-    from chopgrad.bench.workloads import check_model_source, load_model
+    from chopgrad.tools.bench.workloads import check_model_source, load_model
 
     tiny_cogvideox().save_pretrained(str(tmp_path), safe_serialization=False)
     assert (tmp_path / "diffusion_pytorch_model.bin").exists()
@@ -404,8 +409,6 @@ def _normalised(text: str) -> str:
     ("info", ["--json print JSON instead of text"]),
 ])
 def test_help_gives_every_option_a_text_and_its_default(command, defaults, capsys):
-    from chopgrad.cli import build_parser
-
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0
@@ -413,12 +416,10 @@ def test_help_gives_every_option_a_text_and_its_default(command, defaults, capsy
     assert text.startswith(f"usage: chopgrad {command} ")
     for expected in defaults:
         assert expected in text, expected
-    sub = build_parser()._subparsers._group_actions[0].choices[command]
-    formatter = sub.formatter_class(sub.prog)
-    for action in sub._actions:
+    for action in build_parser().commands[command].arguments:
         assert action.help, action.option_strings
         if action.nargs != 0:  # takes a value, so it has a default to show
-            assert "(default" in formatter._get_help_string(action), action.option_strings
+            assert "(default" in action.help, action.option_strings
 
 
 def test_top_level_help_lists_the_commands(capsys):
@@ -463,12 +464,12 @@ def test_console_script_prints_one_error_line_and_no_traceback(tmp_path):
 
 
 def test_probe_interrupted_is_one_line_and_exit_code_130(monkeypatch, tmp_path, capsys):
-    import chopgrad.probe
+    import chopgrad.tools.probe
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(chopgrad.probe, "probe_locality", interrupted)
+    monkeypatch.setattr(chopgrad.tools.probe, "probe_locality", interrupted)
     assert main(["probe", "--model", "tiny-wan21", "--frames", "5", "--size", "16", "--out", str(tmp_path)]) == 130
     captured = capsys.readouterr()
     assert captured.err.strip() == "interrupted" and "Traceback" not in captured.out

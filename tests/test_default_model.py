@@ -115,7 +115,7 @@ def test_decoder_has_temporal_locality(vae):
     from diffusers import AutoencoderKLWan
 
     from chopgrad import wrap
-    from chopgrad.probe import fit_exponential, influence_by_distance
+    from chopgrad.tools.probe import fit_exponential, influence_by_distance
 
     x = make_video(HELDOUT_SEED0, 33, 64, 64)[None]
     with torch.no_grad():

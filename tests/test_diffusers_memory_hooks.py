@@ -111,7 +111,7 @@ def test_patched_decoder_with_hooks_gives_the_same_sliding_gradient(configured):
     _, vae, plain, latents, target = configured
     ref_value, ref_grad, _ = truncated_oracle(plain, latents, target, d_trunc=1, schedule="sliding")
     with warnings.catch_warnings():  # hooked leaf convs stay outside the fused ops, and patch says so
-        warnings.simplefilter("ignore", chopgrad.kernels.PatchWarning)
+        warnings.simplefilter("ignore", chopgrad.PatchWarning)
         chopgrad.patch(vae)
     try:
         z = latents.clone().requires_grad_(True)

@@ -25,7 +25,8 @@ KERNEL_TEST_FILES = sorted(str(p) for p in TESTS.glob("test_kernels_*.py") if p.
 
 LOW_PRECISION_PASS = r"""
 import torch
-from chopgrad.kernels import patch, pixel_loss_value_and_grad, ssim_value_and_grad
+from chopgrad import patch
+from chopgrad.kernels import pixel_loss_value_and_grad, ssim_value_and_grad
 from tiny_models import tiny_wan21, tiny_wan22
 
 for dtype in (torch.bfloat16, torch.float16):

@@ -1,4 +1,4 @@
-"""chopgrad.kernels.patch / unpatch on tiny diffusers AutoencoderKLWan (2.1 and 2.2 configs)."""
+"""chopgrad.patch / unpatch on tiny diffusers AutoencoderKLWan (2.1 and 2.2 configs)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan  # noqa: E402
 
-from chopgrad.kernels import is_patched, patch, unpatch  # noqa: E402
-from chopgrad.kernels.patch import patched_modules  # noqa: E402
+from chopgrad.adapters.wan_patch import is_patched, patch, patched_modules, unpatch  # noqa: E402
 
 CONFIGS = {
     "wan21": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,

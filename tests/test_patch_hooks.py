@@ -1,4 +1,4 @@
-"""chopgrad.kernels.patch on hooked models: diffusers' layerwise casting and group offloading,
+"""chopgrad.patch on hooked models: diffusers' layerwise casting and group offloading,
 accelerate hooks and PyTorch module hooks, registered before or after patching."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 from tiny_models import tiny_wan21, tiny_wan22
 
-from chopgrad.kernels import PatchReport, PatchWarning, is_patched, patch, patch_report, unpatch
+from chopgrad.adapters.wan_patch import (PatchReport, PatchWarning, is_patched, patch, patch_report,
+                                         patched_modules, unpatch)
 from chopgrad.decoder_steps import saved_leaves_as_at_forward
-from chopgrad.kernels.patch import patched_modules
 
 CPU = torch.device("cpu")
 ORDERS = ["patch_then_hook", "hook_then_patch"]

@@ -1,4 +1,4 @@
-"""chopgrad.probe: the exponential fit recovers a known decay on a synthetic decoder."""
+"""chopgrad.tools.probe: the exponential fit recovers a known decay on a synthetic decoder."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import chopgrad
-from chopgrad.probe import ProbeResult, fit_exponential, plot_probe, probe_locality, recommended_d_trunc
+from chopgrad.tools.probe import ProbeResult, fit_exponential, plot_probe, probe_locality, recommended_d_trunc
 
 
 def linear_recurrence(a: float, channels: int = 3):

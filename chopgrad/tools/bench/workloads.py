@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from chopgrad.adapters import WanAdapter, wrap
+
 #: A tiny Wan 2.1 decoder with random weights (memory-scaling measurements).
 TINY_WAN21_CONFIG = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                          temperal_downsample=[False, True, True])
@@ -128,20 +130,30 @@ def _latent_channels(vae) -> int:
     return cfg.z_dim if hasattr(cfg, "z_dim") else cfg.latent_channels
 
 
+def _decode_plan(vae, latent_frames: int):
+    """The adapter's plan for `latent_frames` latent frames of 1x1 pixels, which gives the model's factors."""
+    return wrap(vae).plan(torch.zeros(1, _latent_channels(vae), latent_frames, 1, 1))
+
+
+def _is_wan(vae) -> bool:
+    return isinstance(wrap(vae), WanAdapter)
+
+
+def _wan_temporal_factor(vae) -> int:
+    """Pixel frames of every Wan decoder step after the first."""
+    return _decode_plan(vae, 2).frames_per_step[1]
+
+
 def _latent_frames(vae, frames: int) -> int:
     """Latent frames the model's encoder turns `frames` pixel frames into (rounding down an invalid count)."""
-    cfg = vae.config
-    if hasattr(cfg, "z_dim"):  # Wan
-        return 1 + (frames - 1) // 2 ** sum(bool(t) for t in cfg.temperal_downsample)
-    return max(1, (frames - 1) // cfg.temporal_compression_ratio + 1)
+    if _is_wan(vae):
+        return 1 + (frames - 1) // _wan_temporal_factor(vae)
+    return max(1, (frames - 1) // vae.config.temporal_compression_ratio + 1)
 
 
 def decoded_frames(vae, latent_frames: int) -> int:
     """Pixel frames the model's own decode yields for `latent_frames` latent frames."""
-    import chopgrad
-
-    probe = torch.zeros(1, _latent_channels(vae), latent_frames, 1, 1)
-    return chopgrad.wrap(vae).plan(probe).num_frames
+    return _decode_plan(vae, latent_frames).num_frames
 
 
 def is_decodable(vae, frames: int) -> bool:
@@ -150,9 +162,8 @@ def is_decodable(vae, frames: int) -> bool:
 
 
 def _frame_rule(vae) -> str:
-    cfg = vae.config
-    if hasattr(cfg, "z_dim"):
-        t = 2 ** sum(bool(x) for x in cfg.temperal_downsample)
+    if _is_wan(vae):
+        t = _wan_temporal_factor(vae)
         return f"1 + {t}k; the first latent frame decodes to 1 frame, every further one to {t}"
     chunk = vae.num_latent_frames_batch_size
     per_chunk = decoded_frames(vae, chunk)
@@ -184,10 +195,7 @@ def check_frames(vae, frames) -> None:
 
 def spatial_factor(vae) -> int:
     """Pixels per latent pixel along height and width."""
-    cfg = vae.config
-    if hasattr(cfg, "z_dim"):
-        return 2 ** (len(cfg.dim_mult) - 1) * (getattr(cfg, "patch_size", None) or 1)
-    return 2 ** (len(cfg.block_out_channels) - 1)
+    return _decode_plan(vae, 1).height
 
 
 def check_sizes(vae, sizes) -> None:
@@ -224,7 +232,6 @@ def make_inputs(vae, frames: int, height: int, width: int, seed: int = 0, encode
             latents = vae.encode(clip).latent_dist.mode()
         else:
             latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-        decoded_frames = clip.shape[2]
     if tuple(latents.shape) != shape:
         raise RuntimeError(f"encoded latents {tuple(latents.shape)} do not match the expected {shape}")
-    return latents.contiguous(), clip[:, :, :decoded_frames].contiguous()
+    return latents.contiguous(), clip.contiguous()

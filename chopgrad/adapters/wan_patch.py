@@ -59,8 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
-from .causal_pad import causal_pad
-from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d
+from ..kernels import causal_pad, rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d
 
 _MARK = "_chopgrad_patch"
 _RECOMPUTE = "_chopgrad_recompute"

@@ -1,8 +1,8 @@
 """The `chopgrad` console script: `chopgrad bench`, `chopgrad probe`, `chopgrad info`.
 
-This module parses and checks the arguments and calls chopgrad.bench.bench,
-chopgrad.probe and chopgrad.info. Every invalid argument (including a model
-folder, frame count or output path that could only fail later) is reported
+This module parses and checks the arguments and calls chopgrad.tools.bench.bench,
+chopgrad.tools.probe and chopgrad.tools.info. Every invalid argument (including a
+model folder, frame count or output path that could only fail later) is reported
 before any work starts, as one `error: ...` line on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -39,25 +39,38 @@ _nonneg_int = _number(int, minimum=0, strict=False, what="an integer >= 0")
 _positive_float = _number(float, minimum=0.0, strict=True, what="a positive number")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends each option's default to its help, unless the help already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if (not action.option_strings or "(default" in text or default is None or default is False
-                or default == argparse.SUPPRESS):
-            return text
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return f"{text} (default: {shown.replace('%', '%%')})"
+def _help_with_default(text: str, default) -> str:
+    """`text` with the option's default appended, unless it already says what the default is."""
+    if "(default" in text or default is None or default is False or default == argparse.SUPPRESS:
+        return text
+    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+    return f"{text} (default: {shown.replace('%', '%%')})"  # help texts are %-formatted
 
 
 class _Parser(argparse.ArgumentParser):
-    """Errors print this (sub)command's usage and one `error: ...` line, exit code 2."""
+    """Errors print this (sub)command's usage and one `error: ...` line, exit code 2.
+
+    Keeps what it was given, for the checks after parsing: `arguments` (the
+    actions of add_argument) and `commands` (the parsers of add_command).
+    """
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        self.arguments: list[argparse.Action] = []
+        self.commands: dict[str, _Parser] = {}
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            action.help = _help_with_default(action.help or "", action.default)
+        self.arguments.append(action)
+        return action
+
+    def add_command(self, subparsers, name: str, help_text: str) -> "_Parser":
+        """A subcommand of this parser, from `subparsers = self.add_subparsers(...)`."""
+        command = subparsers.add_parser(name, help=help_text, description=help_text)
+        self.commands[name] = command
+        return command
 
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -83,8 +96,9 @@ def _grid(values) -> str:
     return " ".join(map(str, values))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from chopgrad.bench.bench import FULL_D_TRUNCS, FULL_FRAMES, FULL_SIZES, QUICK_D_TRUNCS, QUICK_FRAMES, QUICK_SIZES
+def build_parser() -> _Parser:
+    from chopgrad.tools.bench.bench import (FULL_D_TRUNCS, FULL_FRAMES, FULL_SIZES, QUICK_D_TRUNCS, QUICK_FRAMES,
+                                            QUICK_SIZES)
 
     parser = _Parser(prog="chopgrad", description="ChopGrad: truncated backprop through causal-cache video VAE "
                      "decoders. Tools to measure it on your model.",
@@ -93,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_help = ("peak memory, time and gradient fidelity of one pixel-loss training step, per method, "
                   "each in a fresh subprocess")
-    b = sub.add_parser("bench", help=bench_help, description=bench_help)
+    b = parser.add_command(sub, "bench", bench_help)
     _add_model_args(b)
     b.add_argument("--quick", action="store_true",
                    help=f"small grid (frames {_grid(QUICK_FRAMES)}, sizes {_grid(QUICK_SIZES)}, d_trunc "
@@ -117,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_nonneg_int, default=0,
                    help="untimed full steps before the measured one (a short step on the first 3 latent frames "
                    "always runs first, so one-time library and cache costs are not counted)")
-    b.add_argument("--memory-budget", type=_positive_float, metavar="GB",
-                   help="a configuration above this peak (RSS on CPU, allocator on CUDA) is reported as OOM "
-                        "(default: 80%% of available RAM / GPU memory)")
+    b.add_argument("--memory-budget", type=_positive_float, metavar="GIB",
+                   help="a configuration whose peak (RSS on CPU, allocator on CUDA) exceeds this many GiB is "
+                        "reported as OOM (default: 80%% of available RAM / GPU memory)")
     b.add_argument("--timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
                    help="wall-clock limit per configuration; one that runs longer is reported as timeout")
     b.add_argument("--threads", type=_positive_int, help="CPU threads per worker (default: the cores not busy "
@@ -133,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe_help = ("temporal locality of the decoder: influence vs distance, exp fit, recommended d_trunc, "
                   "truncated-gradient fidelity")
-    p = sub.add_parser("probe", help=probe_help, description=probe_help)
+    p = parser.add_command(sub, "probe", probe_help)
     _add_model_args(p)
     p.add_argument("--frames", type=_positive_int, default=33,
                    help="pixel frames (Wan: 1 + 4k; CogVideoX: 1, 8k or 8k + 1)")
@@ -153,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     info_help = "versions, C++ extension build status, CUDA, fused-op backends"
-    i = sub.add_parser("info", help=info_help, description=info_help)
+    i = parser.add_command(sub, "info", info_help)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=cmd_info)
     return parser
@@ -176,7 +190,7 @@ def _check_device(args) -> None:
 
 
 def _check_model(args) -> None:
-    from chopgrad.bench.workloads import check_model_source
+    from chopgrad.tools.bench.workloads import check_model_source
 
     try:
         check_model_source(args.model)
@@ -186,7 +200,7 @@ def _check_model(args) -> None:
 
 def _load_model(name: str):
     """load_model, with a failure inside diffusers (weights that do not fit the config, a corrupt file) as one line."""
-    from chopgrad.bench.workloads import load_model
+    from chopgrad.tools.bench.workloads import load_model
 
     try:
         return load_model(name)
@@ -196,7 +210,7 @@ def _load_model(name: str):
 
 
 def _check_shapes(vae, frames, sizes, *, size_option: str) -> None:
-    from chopgrad.bench.workloads import check_frames, check_sizes
+    from chopgrad.tools.bench.workloads import check_frames, check_sizes
 
     try:
         check_sizes(vae, sizes)
@@ -242,7 +256,7 @@ PROBE_FILES = ("probe.json", "probe.md", "probe.png")
 
 
 def cmd_bench(args) -> int:
-    from chopgrad.bench.bench import BenchSettings, check_bars, format_table, run_bench, write_outputs
+    from chopgrad.tools.bench.bench import BenchSettings, format_summary, format_table, run_bench, write_outputs
 
     _check_device(args)
     _check_model(args)
@@ -251,7 +265,7 @@ def cmd_bench(args) -> int:
         model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, frames=args.frames,
         sizes=args.sizes, d_truncs=args.d_truncs, schedules=tuple(args.schedules),
         baselines=tuple(args.baselines), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-        memory_budget_bytes=int(args.memory_budget * 1e9) if args.memory_budget else None, timeout_s=args.timeout)
+        memory_budget_bytes=int(args.memory_budget * 2**30) if args.memory_budget else None, timeout_s=args.timeout)
     _check_shapes(_load_model(settings.model), settings.frames, settings.sizes, size_option="--sizes")
     measured: list[dict] = []
 
@@ -279,9 +293,9 @@ def cmd_bench(args) -> int:
     wall = time.monotonic() - t0
     paths = write_outputs(rows, settings, args.out, wall_s=wall, plots=not args.no_plots)
     print(format_table(rows))
-    print()
-    for name, passed, detail in check_bars(rows):
-        print(f"{'PASS' if passed else 'FAIL'}  {name}: {detail}")
+    summary = format_summary(rows)
+    if summary:
+        print("\n" + summary)
     print(f"\n{len(rows)} configurations in {wall:.1f} s; wrote " + ", ".join(sorted(paths.values())))
     return 0
 
@@ -289,9 +303,9 @@ def cmd_bench(args) -> int:
 def cmd_probe(args) -> int:
     import torch
 
-    from chopgrad.bench.bench import default_threads, is_trained
-    from chopgrad.bench.workloads import DTYPES, make_inputs
-    from chopgrad.probe import plot_probe, probe_locality
+    from chopgrad.tools.bench.bench import default_threads, is_trained
+    from chopgrad.tools.bench.workloads import DTYPES, make_inputs
+    from chopgrad.tools.probe import plot_probe, probe_locality
 
     _check_device(args)
     _check_model(args)
@@ -323,7 +337,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from chopgrad.info import collect_info, format_info
+    from chopgrad.tools.info import collect_info, format_info
 
     info = collect_info()
     print(json.dumps(info, indent=1) if args.json else format_info(info))
@@ -340,7 +354,7 @@ def main(argv=None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help(sys.stderr)
         fail("a command is required: bench, probe or info")
-    sub = parser._subparsers._group_actions[0].choices[args.command]
+    sub = parser.commands[args.command]
     if unknown:
         sub.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestion(sub, unknown)}")
     try:
@@ -350,8 +364,8 @@ def main(argv=None) -> int:
         return 130
 
 
-def _suggestion(parser: argparse.ArgumentParser, unknown) -> str:
-    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+def _suggestion(parser: _Parser, unknown) -> str:
+    options = [o for action in parser.arguments for o in action.option_strings if o.startswith("--")]
     for arg in unknown:
         if arg.startswith("--"):
             close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)

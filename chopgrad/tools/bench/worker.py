@@ -1,4 +1,4 @@
-"""Subprocess entry: `python -m chopgrad.bench.worker '<json config>'` prints one JSON line.
+"""Subprocess entry: `python -m chopgrad.tools.bench.worker '<json config>'` prints one JSON line.
 
 Config keys: model, device, dtype, inputs (path of a torch.save'd
 {"latents", "target"}), method, d_trunc, schedule, repeats, warmup,
@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     config = json.loads((argv or sys.argv[1:])[0])
     import torch
 
-    from chopgrad.bench.memory import PeakMemory
-    from chopgrad.bench.methods import loss_fn
-    from chopgrad.bench.workloads import DTYPES, load_model
+    from chopgrad.tools.bench.memory import PeakMemory
+    from chopgrad.tools.bench.methods import loss_fn
+    from chopgrad.tools.bench.workloads import DTYPES, load_model
 
     device = torch.device(config.get("device", "cpu"))
     if device.type == "cuda" and device.index is None:

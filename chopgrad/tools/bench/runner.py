@@ -1,6 +1,6 @@
 """Runs one benchmark configuration in a fresh Python subprocess and watches its memory.
 
-The child runs `python -m chopgrad.bench.worker '<json config>'` and prints one
+The child runs `python -m chopgrad.tools.bench.worker '<json config>'` and prints one
 JSON line. The parent polls the child's resident memory and kills it when it
 exceeds `memory_budget_bytes`, reporting the configuration as OOM instead of
 letting the machine swap or the kernel's OOM killer pick a victim.
@@ -42,7 +42,7 @@ def _rss_bytes(pid: int) -> int:
 
 
 def run_isolated(config: dict, *, memory_budget_bytes: Optional[int] = None, timeout_s: float = 1800,
-                 module: str = "chopgrad.bench.worker") -> Measurement:
+                 module: str = "chopgrad.tools.bench.worker") -> Measurement:
     """Runs `config` in a fresh interpreter; returns its JSON result or the failure mode."""
     env = dict(os.environ)
     # Large CPU allocations go straight to mmap and back to the OS when freed,

@@ -1,7 +1,7 @@
 """`chopgrad bench`: one pixel-loss training step (decode + MSE + backward to the
 latents) per method, side by side, each configuration in a fresh subprocess.
 
-    from chopgrad.bench.bench import BenchSettings, run_bench, write_outputs
+    from chopgrad.tools.bench.bench import BenchSettings, run_bench, write_outputs
     rows = run_bench(BenchSettings(quick=True))
     write_outputs(rows, settings, "bench_out")
 
@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..metrics import gradient_fidelity
 from .methods import method_label
 from .runner import run_isolated
 from .workloads import check_frames, check_sizes, load_model, make_inputs
@@ -142,15 +143,6 @@ def check_shapes(vae, frames, sizes) -> None:
     check_frames(vae, frames)
 
 
-def _fidelity(grad: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    g, r = grad.double().flatten(), ref.double().flatten()
-    denom = float(g.norm() * r.norm())
-    cos = float(g @ r) / denom if denom > 0 else float("nan")
-    rnorm = float(r.norm())
-    rel = float((g - r).norm()) / rnorm if rnorm > 0 else float("nan")
-    return cos, rel
-
-
 def _check_same_loss(row: dict, ref_loss: float, rtol: float = 1e-3) -> None:
     """Every method computes the same loss value; a mismatch means the fidelity is not comparable
     (e.g. the model's weights changed on disk during the run), so it is flagged, not hidden."""
@@ -205,7 +197,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                                 if method == "full":
                                     ref_grad, ref_loss = grad, row["loss"]
                                 if ref_grad is not None:
-                                    row["cosine"], row["rel_error"] = _fidelity(grad, ref_grad)
+                                    row["cosine"], row["rel_error"] = gradient_fidelity(grad, ref_grad)
                                     _check_same_loss(row, ref_loss)
                         rows.append(row)
                         if log is not None:
@@ -250,6 +242,31 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['size']}x{r['size']} | {r['frames']} | {r['label']} | {peak} | {mem_ratio} | "
                      f"{_cell(r, 'time_s', '{:.3f}')} | {time_ratio} | {_cell(r, 'frames_per_s', '{:.1f}')} | "
                      f"{_cell(r, 'cosine', '{:.5f}')} | {_cell(r, 'rel_error', '{:.2e}')} |")
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[dict]) -> str:
+    """Each method on the largest size and longest clip, against full backprop when it ran there."""
+    if not rows:
+        return ""
+    size = max(r["size"] for r in rows)
+    frames = max(r["frames"] for r in rows if r["size"] == size)
+    measured = [r for r in rows if (r["size"], r["frames"]) == (size, frames)]
+    full = next((r for r in measured if r["method"] == "full" and r["status"] == "ok"), None)
+    lines = [f"at {size}x{size}, {frames} frames" + (" (ratios against full backprop):" if full else ":")]
+    for r in measured:
+        if r is full:
+            continue
+        if r["status"] != "ok":
+            lines.append(f"  {r['label']}: {'OOM' if r['status'] == 'oom' else r['status']}")
+            continue
+        parts = [f"peak {_mib(r['peak_bytes']):.1f} MiB", f"{r['time_s']:.3f} s/step"]
+        if full is not None and full["peak_bytes"] and full["time_s"]:
+            parts = [f"{r['peak_bytes'] / full['peak_bytes']:.2f}x peak memory",
+                     f"{r['time_s'] / full['time_s']:.2f}x time"]
+        if r.get("cosine") is not None:
+            parts.append(f"latent-gradient cosine {r['cosine']:.4f}")
+        lines.append(f"  {r['label']}: {', '.join(parts)}")
     return "\n".join(lines)
 
 
@@ -362,40 +379,3 @@ def plot_results(rows: list[dict], out_dir: str) -> dict:
     fig.savefig(paths["fidelity_vs_dtrunc.png"], dpi=110)
     plt.close(fig)
     return paths
-
-
-def check_bars(rows: list[dict], d_trunc: int = 1) -> list[tuple[str, Optional[bool], str]]:
-    """The acceptance bars, evaluated on the largest size: (name, passed or None, detail)."""
-    out = []
-    if not rows:
-        return out
-    size = max(r["size"] for r in rows)
-    frames = sorted({r["frames"] for r in rows if r["size"] == size})
-    lo, hi = frames[0], frames[-1]
-
-    def get(method, f, d=None, schedule="sliding"):
-        for r in rows:
-            if (r["size"], r["frames"], r["method"]) == (size, f, method) and r["status"] == "ok" and \
-                    (method != "pixel_loss" or (r["d_trunc"], r["schedule"]) == (d, schedule)):
-                return r
-        return None
-
-    d_lo, d_hi, full_hi = get("pixel_loss", lo, d_trunc), get("pixel_loss", hi, d_trunc), get("full", hi)
-    if d_lo and d_hi:
-        ratio = d_hi["peak_bytes"] / max(d_lo["peak_bytes"], 1)
-        out.append((f"sliding d={d_trunc} peak at {hi} / at {lo} frames <= 1.15", ratio <= 1.15, f"{ratio:.3f}"))
-    if d_hi and full_hi:
-        ratio = d_hi["peak_bytes"] / max(full_hi["peak_bytes"], 1)
-        out.append((f"sliding d={d_trunc} peak / full backprop peak at {hi} frames <= 0.35", ratio <= 0.35,
-                    f"{ratio:.3f}"))
-    for f in frames:
-        ch, full = get("pixel_loss", f, d_trunc, "chunked"), get("full", f)
-        if ch and full:
-            ratio = ch["time_s"] / full["time_s"]
-            out.append((f"chunked d={d_trunc} time / full backprop time at {f} frames <= 1.1", ratio <= 1.1,
-                        f"{ratio:.3f}"))
-    ck = [r for r in rows if r["method"] == "checkpoint"]
-    if ck:
-        out.append(("correct checkpointing reported", all(r["status"] in ("ok", "oom") for r in ck),
-                    ", ".join(f"{r['frames']}f {r['status']}" for r in ck)))
-    return out

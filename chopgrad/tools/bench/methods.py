@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import chopgrad
+from chopgrad.adapters import wrap
+from chopgrad.api import pixel_loss
+
+from ..metrics import squared_errors_per_step
 
 
 def full_backprop_loss(vae, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -25,27 +28,26 @@ def full_backprop_loss(vae, latents: torch.Tensor, target: torch.Tensor) -> torc
 
 def checkpointed_loss(vae_or_adapter, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Exact loss and gradient; stores only each step's inputs (latent group + state)."""
-    adapter = chopgrad.wrap(vae_or_adapter)
-    plan = adapter.plan(latents)
-    state = adapter.initial_state()
-    total = latents.new_zeros((), dtype=torch.float32)
-    for g in range(plan.num_steps):
+    adapter = wrap(vae_or_adapter)
+
+    def checkpointed_step(g, z, state):
+        # checkpoint() takes tensors only: empty state slots are left out and put back by position.
         present = [s is not None for s in state]
         next_layout: list = []
 
-        def run(z, *tensors, g=g, present=present, next_layout=next_layout):
+        def run(z, *tensors):
             slots = iter(tensors)
             frames, nxt = adapter.step(g, z, [next(slots) if p else None for p in present])
             next_layout[:] = [t is not None for t in nxt]
             return (adapter.clamp(frames), *[t for t in nxt if t is not None])
 
-        z = latents[:, :, plan.group_bounds[g]:plan.group_bounds[g + 1]]
         outputs = checkpoint(run, z, *[s for s in state if s is not None], use_reentrant=False)
-        frames, slots = outputs[0], iter(outputs[1:])
-        state = [next(slots) if p else None for p in next_layout]
-        sl = plan.frame_slice(g)
-        total = total + (frames.float() - target[:, :, sl].float()).square().sum()
-    return total / target.numel()
+        slots = iter(outputs[1:])
+        return outputs[0], [next(slots) if p else None for p in next_layout]
+
+    errors = squared_errors_per_step(adapter.plan(latents), latents, target, checkpointed_step,
+                                     adapter.initial_state())
+    return sum(errors, latents.new_zeros((), dtype=torch.float32)) / target.numel()
 
 
 def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding") -> Callable:
@@ -54,8 +56,7 @@ def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding
     if method == "checkpoint":
         return checkpointed_loss
     if method == "pixel_loss":
-        return lambda vae, z, target: chopgrad.pixel_loss(vae, z, target, loss="mse", d_trunc=d_trunc,
-                                                          schedule=schedule)
+        return lambda vae, z, target: pixel_loss(vae, z, target, loss="mse", d_trunc=d_trunc, schedule=schedule)
     raise ValueError(f"method must be 'full', 'checkpoint' or 'pixel_loss', got {method!r}")
 
 

@@ -1,6 +1,6 @@
 """`chopgrad probe`: the temporal locality that truncated backprop relies on.
 
-    from chopgrad.probe import probe_locality
+    from chopgrad.tools.probe import probe_locality
     result = probe_locality(vae, latents, target, eps=1e-3)
     print(result.alpha, result.recommended_d_trunc)
 
@@ -23,7 +23,10 @@ from typing import Optional, Sequence
 
 import torch
 
-import chopgrad
+from chopgrad.adapters import wrap
+from chopgrad.api import pixel_loss
+
+from .metrics import gradient_fidelity, squared_errors_per_step
 
 
 @dataclass
@@ -87,17 +90,14 @@ def recommended_d_trunc(C: float, alpha: float, eps: float) -> Optional[int]:
 def _mse_terms(adapter, latents, target, clamp=True):
     """Per-step losses l_g through the exact graph (state never detached), normalised like MSE of the video."""
     plan = adapter.plan(latents)
-    state = adapter.initial_state()
-    numel = target.numel()
-    losses = []
-    for g in range(plan.num_steps):
-        z = latents[:, :, plan.group_bounds[g]:plan.group_bounds[g + 1]]
+
+    def run_step(g, z, state):
         frames, state = adapter.step(g, z, state)
-        if clamp:
-            frames = adapter.clamp(frames)
-        y = target[:, :, plan.frame_slice(g)].to(frames.device)
-        losses.append((frames.float() - y.float()).square().sum() / numel)
-    return plan, losses
+        return (adapter.clamp(frames) if clamp else frames), state
+
+    numel = target.numel()
+    errors = squared_errors_per_step(plan, latents, target, run_step, adapter.initial_state())
+    return plan, [error / numel for error in errors]
 
 
 def influence_by_distance(adapter, latents, target, max_distance: Optional[int] = None, clamp: bool = True):
@@ -124,14 +124,6 @@ def influence_by_distance(adapter, latents, target, max_distance: Optional[int] 
     return list(range(max_distance + 1)), [s / c if c else float("nan") for s, c in zip(sums, counts)], G
 
 
-def _fidelity(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    a, ref = a.double().flatten(), ref.double().flatten()
-    denom = float(a.norm() * ref.norm())
-    cos = float(a @ ref) / denom if denom > 0 else float("nan")
-    rn = float(ref.norm())
-    return cos, (float((a - ref).norm()) / rn if rn > 0 else float("nan"))
-
-
 def truncation_fidelity(adapter, latents, target, d_truncs=range(5), schedule: str = "sliding", seed: int = 0):
     """Cosine / relative error of the truncated gradients vs the exact one, per d_trunc.
 
@@ -150,7 +142,7 @@ def truncation_fidelity(adapter, latents, target, d_truncs=range(5), schedule: s
 
     def grads(d):
         z = up(x)
-        loss = chopgrad.pixel_loss(adapter, z, target, loss="mse", d_trunc=d, schedule=schedule)
+        loss = pixel_loss(adapter, z, target, loss="mse", d_trunc=d, schedule=schedule)
         gz, *gp = torch.autograd.grad(loss, [z, *params])
         return gz, torch.cat([g.flatten() for g in gp])
 
@@ -158,8 +150,8 @@ def truncation_fidelity(adapter, latents, target, d_truncs=range(5), schedule: s
     out = {"d_truncs": [], "latent_cosine": [], "latent_rel_error": [], "param_cosine": [], "param_rel_error": []}
     for d in d_truncs:
         gz, gp = grads(int(d))
-        lc, lr = _fidelity(gz, ref_z)
-        pc, pr = _fidelity(gp, ref_p)
+        lc, lr = gradient_fidelity(gz, ref_z)
+        pc, pr = gradient_fidelity(gp, ref_p)
         for k, v in zip(out, (int(d), lc, lr, pc, pr)):
             out[k].append(v)
     return out
@@ -174,7 +166,7 @@ def probe_locality(vae_or_adapter, latents: torch.Tensor, target: torch.Tensor, 
     """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    adapter = chopgrad.wrap(vae_or_adapter)
+    adapter = wrap(vae_or_adapter)
     params = adapter.parameters()
     flags = [p.requires_grad for p in params]
     try:

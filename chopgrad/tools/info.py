@@ -15,12 +15,12 @@ def _version(name: str) -> str:
 def collect_info() -> dict:
     import torch
 
-    import chopgrad
     from chopgrad._ext import extension_status
+    from chopgrad._version import __version__
 
     built, detail = extension_status()
     info = {
-        "chopgrad": chopgrad.__version__,
+        "chopgrad": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
