@@ -11,7 +11,6 @@ from .adapters import (
     DecoderAdapter,
     FunctionalAdapter,
     WanAdapter,
-    detach_state,
     wrap,
 )
 from .api import decode, pixel_loss
@@ -35,7 +34,7 @@ def __getattr__(name):
 
 __all__ = [
     "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "FunctionalAdapter", "WanAdapter",
-    "PatchReport", "PatchWarning", "ProbeResult", "decode", "detach_state", "patch", "patch_report", "per_frame",
+    "PatchReport", "PatchWarning", "ProbeResult", "decode", "patch", "patch_report", "per_frame",
     "pixel_loss", "probe_locality", "unpatch",
     "wrap",
 ]

@@ -13,7 +13,7 @@ on this project's 2-core CPU machine (stages 1-4 with 1 thread, stages 5-6
 with 2), stages 7-8 on one NVIDIA H200 (see benchmarks/RESULTS.md "Default
 model")::
 
-    # stage 1 (= the weights shipped before, git 9106b3a): 900 steps of a 1400-step
+    # stage 1: 900 steps of a 1400-step
     # schedule (lr 2e-3), fresh init, 4 x 9-frame 32x32 crops
     python scripts/train_default_vae.py --steps 1400 --stop-at 900 --threads 1 --out /tmp/stage1
     # stage 2: 1500 steps of a 2600-step schedule from stage 1, lr 3e-4

@@ -25,7 +25,7 @@ class ToyDecoder(torch.nn.Module):
 
 
 def toy_adapter(toy):
-    return chopgrad.FunctionalAdapter(toy.step, latent_channels=3, out_channels=2, frames_per_step=1,
+    return chopgrad.FunctionalAdapter(toy.step, latent_channels=3, out_channels=2, frames_out=1,
                                       initial_state=[None], parameters=toy.parameters())
 
 

@@ -114,7 +114,7 @@ def test_latents_on_another_device_name_both_devices(wan):
 
 
 def _identity_adapter(step):
-    return chopgrad.FunctionalAdapter(step, latent_channels=3, frames_per_step=1)
+    return chopgrad.FunctionalAdapter(step, latent_channels=3, frames_out=1)
 
 
 @pytest.mark.parametrize("returned, what", [

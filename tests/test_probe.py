@@ -17,7 +17,7 @@ def linear_recurrence(a: float, channels: int = 3):
         s = z if state[0] is None else a * state[0] + z
         return s, [s]
 
-    return chopgrad.FunctionalAdapter(step, latent_channels=channels, frames_per_step=1, out_channels=channels,
+    return chopgrad.FunctionalAdapter(step, latent_channels=channels, frames_out=1, out_channels=channels,
                                       initial_state=[None])
 
 
@@ -75,7 +75,7 @@ def test_probe_plot_and_parameters_restored(tmp_path):
         s = z if state[0] is None else weight * state[0] + z
         return s, [s]
 
-    adapter = chopgrad.FunctionalAdapter(step, latent_channels=3, frames_per_step=1, initial_state=[None],
+    adapter = chopgrad.FunctionalAdapter(step, latent_channels=3, frames_out=1, initial_state=[None],
                                          parameters=[weight])
     result = probe_locality(adapter, *inputs(steps=6), d_truncs=range(3))
     assert weight.requires_grad and weight.grad is None

@@ -1,7 +1,7 @@
 """Decoder adapters: explicit, detachable state and a pure step per model family."""
 from __future__ import annotations
 
-from .base import DecodePlan, DecoderAdapter, State, detach_state
+from .base import DecodePlan, DecoderAdapter, State
 from .cogvideox import CogVideoXAdapter, _is_cogvideox
 from .functional import FunctionalAdapter
 from .wan import WanAdapter, _is_wan
@@ -29,5 +29,5 @@ def wrap(vae_or_decoder) -> DecoderAdapter:
 
 __all__ = [
     "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "FunctionalAdapter", "KNOWN_MODELS", "State",
-    "WanAdapter", "detach_state", "wrap",
+    "WanAdapter", "wrap",
 ]

@@ -9,7 +9,7 @@ the wrapped model between calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -46,10 +46,6 @@ class DecodePlan:
     def frame_slice(self, step: int) -> slice:
         start = sum(self.frames_per_step[:step])
         return slice(start, start + self.frames_per_step[step])
-
-
-def detach_state(state: Sequence[Optional[torch.Tensor]]) -> State:
-    return [None if t is None else t.detach() for t in state]
 
 
 class DecoderAdapter:

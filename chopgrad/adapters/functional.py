@@ -18,7 +18,7 @@ class FunctionalAdapter(DecoderAdapter):
             returned next state must be a new list of the same kind.
         latent_channels: channel count (dim 1) of the latents.
         latents_per_step: latent frames consumed per step (the last step may take fewer).
-        frames_per_step: pixel frames each step emits: an int, or a callable
+        frames_out: pixel frames each step emits: an int, or a callable
             `(index, latent_frames_in_step) -> int`.
         out_channels: channel count of the frames.
         spatial_scale: pixel height/width per latent height/width.
@@ -32,7 +32,7 @@ class FunctionalAdapter(DecoderAdapter):
         step: StepFn,
         *,
         latent_channels: int,
-        frames_per_step: Union[int, Callable[[int, int], int]],
+        frames_out: Union[int, Callable[[int, int], int]],
         out_channels: int = 3,
         latents_per_step: int = 1,
         spatial_scale: int = 1,
@@ -46,12 +46,12 @@ class FunctionalAdapter(DecoderAdapter):
                             ("latents_per_step", latents_per_step), ("spatial_scale", spatial_scale)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (callable(frames_per_step) or (isinstance(frames_per_step, int) and frames_per_step >= 1)):
-            raise ValueError(f"frames_per_step must be a positive int or a callable, got {frames_per_step!r}")
+        if not (callable(frames_out) or (isinstance(frames_out, int) and frames_out >= 1)):
+            raise ValueError(f"frames_out must be a positive int or a callable, got {frames_out!r}")
         self._step = step
         self.latent_channels = latent_channels
         self.latents_per_step = latents_per_step
-        self.frames_per_step = frames_per_step
+        self.frames_out = frames_out
         self.out_channels = out_channels
         self.spatial_scale = spatial_scale
         self._initial_state = list(initial_state or [])
@@ -64,7 +64,7 @@ class FunctionalAdapter(DecoderAdapter):
         bounds = list(range(0, t, self.latents_per_step)) + [t]
         frames = []
         for i in range(len(bounds) - 1):
-            n = self.frames_per_step(i, bounds[i + 1] - bounds[i]) if callable(self.frames_per_step) else self.frames_per_step
+            n = self.frames_out(i, bounds[i + 1] - bounds[i]) if callable(self.frames_out) else self.frames_out
             frames.append(int(n))
         return DecodePlan(tuple(bounds), tuple(frames), b, self.out_channels, h * self.spatial_scale, w * self.spatial_scale)
 

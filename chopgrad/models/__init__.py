@@ -12,26 +12,14 @@ It exists so chopgrad's gradient probes and benchmarks run on a decoder with
 the temporal locality of a *trained* Wan decoder (a random decoder's gradient
 through the cache is not representative) while staying cheap on a CPU.
 
-Training recipe (``scripts/train_default_vae.py``, eight runs, the exact
-commands are in that script's docstring): procedural clips from
-:mod:`chopgrad.data.synthetic` (textured panning background, moving occluding
-textured shapes, brightness changes); loss MSE on the reconstruction through
-the posterior mode (deterministic latents) plus a 1e-5 latent L2 penalty; Adam
-with warm-up + cosine; encoder output projection initialised for unit-std
-latents and decoder ``conv_out`` at zero (both avoid an early collapse where
-the decoder ignores the latents). Stages 1-2: 2400 steps on batches of 4
-random 32x32 crops of 9-frame clips (lr 2e-3, then 3e-4); stages 3-4: 1700
-steps on batches of 2 crops of 17-frame clips (lr 2e-4); stages 5-6: 7500 +
-5400 steps (lr 2e-4 each) on batches of 2 crops of clips alternating between
-17 and 33 frames (9 latent frames, so the cache is trained over longer
-horizons). Stages 1-6 are deterministic and took about 3 h of wall time on
-this project's 2-core CPU machine. Stages 7-8 ran on an NVIDIA H200 for 210 s
-and 200 s (684 + 593 steps on batches of 16 full 64x64 clips alternating
-between 17 and 33 frames, lr 3e-4 then 2e-4); GPU runs are not bit-reproducible.
+It was trained with ``scripts/train_default_vae.py`` on procedural clips
+from :mod:`chopgrad.data.synthetic` (MSE on the reconstruction through the
+posterior mode plus a small latent L2 penalty); the recipe and its runs are in
+that script and in ``benchmarks/RESULTS.md`` ("Default model").
 
 Held-out reconstruction PSNR (seeds >= 10_000_000, 8 clips) is 22.6 dB at
-17x64x64 (23.2 dB at 17x128x128, 22.6 dB at 33x64x64), short of a 30 dB
-target: it reconstructs layout, colours and motion, blurred,
+17x64x64 (23.2 dB at 17x128x128, 22.6 dB at 33x64x64): it reconstructs
+layout, colours and motion, blurred,
 without the finest texture. Its decoder has the temporal locality of a
 trained decoder: a latent perturbation's effect decays over later groups
 (a random decoder amplifies it), and the backward influence measured by
