@@ -1,4 +1,4 @@
-"""Peak memory of one pixel-loss training step vs video length (issue: engine).
+"""Peak memory of one pixel-loss training step vs video length, measured through the engine.
 
 Each configuration runs in a fresh subprocess on a tiny random-weight Wan 2.1
 config on the CPU: peak RSS above the pre-step baseline (after the bench
