@@ -514,7 +514,7 @@ def _report(wan, decoder: nn.Module) -> PatchReport:
     for name, module, fn in _candidates(wan, decoder):
         label = name or _DECODER
         if _MARK not in module.__dict__:
-            skipped.append((label, _problem(wan, module, fn) or "not patched (chopgrad.kernels.patch not applied)"))
+            skipped.append((label, _problem(wan, module, fn) or "not patched (chopgrad.patch not applied)"))
             continue
         patched.append((label, _describe_patched(module, fn)))
         for child_name, child in _observed_children(module, fn):
@@ -573,7 +573,7 @@ def patch(model: nn.Module, *, recompute_conv_input: bool = True) -> nn.Module:
         more = f" (and {len(report.skipped) - 4} more)" if len(report.skipped) > 4 else ""
         head = (f"chopgrad.patch left {len(report.skipped)} decoder modules out of the fused ops"
                 if report.skipped else "chopgrad.patch found nothing to patch")
-        warnings.warn(f"{head}: {shown}{more}. chopgrad.kernels.patch_report(model) lists them all.",
+        warnings.warn(f"{head}: {shown}{more}. chopgrad.patch_report(model) lists them all.",
                       PatchWarning, stacklevel=2)
     return model
 
