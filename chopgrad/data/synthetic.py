@@ -63,12 +63,18 @@ def make_video(
     *,
     device="cpu",
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+    layout: bool = False,
+):
     """Return a deterministic synthetic clip of shape ``(3, frames, height, width)`` in ``[-1, 1]``.
 
     ``seed`` fully determines the clip (for a given size and frame count).
     Object speeds and sizes scale with ``min(height, width)`` so a clip looks
     alike at 64x64 and 128x128; texture periods are in pixels.
+
+    With ``layout=True`` it returns ``(clip, labels)``: ``labels`` is a
+    ``(1, frames, height, width)`` int64 map of the visible object at each
+    pixel (0 for the background, ``k`` for the ``k``-th object), the scene's
+    semantic layout. The clip is the same as without it.
     """
     if frames < 1 or height < 1 or width < 1:
         raise ValueError("frames, height and width must be positive")
@@ -119,10 +125,11 @@ def make_video(
     sampled = F.grid_sample(tex, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (T,3,H,W)
     bg += sampled.permute(1, 0, 2, 3)
     img = bg
+    labels = torch.zeros(1, T, H, W, device=dev, dtype=torch.int64) if layout else None
 
     # ---------------- moving, occluding, textured objects ----------------
     n_obj = _ui(g, 3, 6)
-    for _ in range(n_obj):
+    for index in range(n_obj):
         kind = _ui(g, 0, 2)  # 0 disc/ellipse, 1 rectangle, 2 disc
         r1 = float(_u(g, 0.08, 0.22)) * S
         r2 = r1 * float(_u(g, 0.5, 1.0)) if kind != 2 else r1
@@ -158,6 +165,8 @@ def make_video(
         obj = c1 + (c2 - c1) * m.unsqueeze(0)
         a = alpha.unsqueeze(0)
         img = img * (1 - a) + obj * a
+        if labels is not None:
+            labels = torch.where(a > 0.5, index + 1, labels)
 
     # ---------------- global brightness / contrast change ----------------
     # (functions of the absolute frame index only, so a longer clip extends a
@@ -179,8 +188,8 @@ def make_video(
     img = (img - 0.5) * contrast.unsqueeze(0) + 0.5
     img = img * gain.unsqueeze(0)
 
-    out = (img.clamp(0.0, 1.0) * 2.0 - 1.0).to(dtype)
-    return out.contiguous()
+    out = (img.clamp(0.0, 1.0) * 2.0 - 1.0).to(dtype).contiguous()
+    return (out, labels) if layout else out
 
 
 def make_batch(
