@@ -1,0 +1,1 @@
+"""`chopgrad train`: one-step latent models trained with pixel losses through chopgrad."""
