@@ -38,3 +38,16 @@ def test_resolve_factory():
                           ("chopgrad.tools.train.model:missing", "no callable 'missing'")):
         with pytest.raises(ValueError, match=f"--generator.*{message}"):
             resolve_factory(spec)
+
+
+def test_video_quality_metrics():
+    from chopgrad.tools.metrics import psnr, ssim, temporal_error
+
+    torch.manual_seed(0)
+    clip = torch.rand(3, 5, 16, 16) * 2 - 1
+    assert psnr(clip + 0.02, clip) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.0004)).item(), rel=1e-6)
+    assert ssim(clip, clip) == pytest.approx(1.0, abs=1e-5) and ssim(torch.rand_like(clip) * 2 - 1, clip) < 0.5
+    assert temporal_error(clip + 0.3, clip) == pytest.approx(0.0, abs=1e-6)  # a constant offset does not flicker
+    flicker = clip + 0.1 * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]).view(1, 5, 1, 1)
+    assert temporal_error(flicker, clip) == pytest.approx(0.2, rel=1e-6)
+    assert temporal_error(clip[:, :1], clip[:, :1]) == 0.0
