@@ -1,0 +1,354 @@
+"""A folder of video files as a dataset of fixed-size clips, decoded with PyAV.
+
+:class:`VideoFolder` finds every video file under a folder (recursively; extensions ``.mp4``, ``.mkv``,
+``.webm``, ``.avi``, ``.mov`` in any case) and serves clips of ``frames`` frames taken every ``stride``-th frame,
+resized with antialiasing and cropped to ``height x width``, as float32 tensors ``(3, frames, height, width)``
+in ``[-1, 1]`` (the pixel convention of diffusers video VAEs and of :mod:`chopgrad.data.synthetic`).
+
+Only the frames a clip needs are decoded: the container seeks backward to the keyframe at or before the clip's
+first frame, and decoding stops at the clip's last frame.
+
+Frame counts and frame rates
+    At construction every file is opened once. When the video stream's metadata gives a frame count
+    (``stream.frames``, e.g. the sample table of mp4/mov, the index of avi) and a frame rate
+    (``stream.average_rate``), the file is taken to have a constant frame rate and frame ``k`` is at
+    ``start_time + k / fps``. Otherwise (mkv and webm usually store no frame count) one counting pass demuxes the
+    stream's packets without decoding them and keeps their sorted timestamps, so frame ``k`` is the ``k``-th
+    timestamp. The result is cached per file for the life of the dataset; :attr:`VideoFolder.files` shows which
+    source each file used.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import warnings
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+__all__ = ["VideoFolder", "VideoFileInfo", "VIDEO_EXTENSIONS"]
+
+#: File name endings recognised as videos (compared case-insensitively).
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+
+MODES = ("sequential", "random")
+
+
+@dataclass(frozen=True)
+class VideoFileInfo:
+    """What the dataset knows about one usable video file.
+
+    ``num_frames`` frames; ``frame_count_source`` is ``"metadata"`` (count and rate from the stream header,
+    constant frame rate assumed) or ``"counted"`` (one demuxing pass; ``frame_pts`` holds every frame's
+    timestamp in ``time_base`` units, sorted).
+    """
+
+    path: str
+    num_frames: int
+    time_base: Fraction
+    start_pts: int
+    fps: Fraction | None
+    frame_pts: tuple[int, ...] | None
+    frame_count_source: str
+
+    def pts_of(self, index: int) -> int:
+        """Timestamp (in ``time_base`` units) of frame ``index``."""
+        if self.frame_pts is not None:
+            return self.frame_pts[index]
+        # Half a frame early: rounding of stored timestamps never puts the seek target past the frame.
+        return self.start_pts + max(0, int(math.floor((index - 0.5) / (self.fps * self.time_base))))
+
+    def index_of(self, pts: int) -> int:
+        """Frame index of a decoded frame with timestamp ``pts`` (nearest frame)."""
+        if self.frame_pts is not None:
+            position = bisect.bisect_left(self.frame_pts, pts)
+            if position == len(self.frame_pts):
+                return position - 1
+            if position > 0 and pts - self.frame_pts[position - 1] < self.frame_pts[position] - pts:
+                return position - 1
+            return position
+        return int(round(float((pts - self.start_pts) * self.time_base * self.fps)))
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _probe(path: str) -> VideoFileInfo:
+    """Read frame count, rate and timestamps of the first video stream of ``path``; raises on unreadable files."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        time_base = stream.time_base
+        if time_base is None:
+            raise ValueError("video stream has no time base")
+        start_pts = stream.start_time or 0
+        fps = stream.average_rate
+        if stream.frames and stream.frames > 0 and fps:
+            return VideoFileInfo(path, int(stream.frames), Fraction(time_base), int(start_pts), Fraction(fps),
+                                 None, "metadata")
+        # Demuxing without decoding is enough to count frames and costs a small part of a decode.
+        timestamps = sorted(packet.pts for packet in container.demux(stream)
+                            if packet.size and packet.pts is not None)
+        if not timestamps:
+            raise ValueError("video stream has no frames")
+        return VideoFileInfo(path, len(timestamps), Fraction(time_base), timestamps[0],
+                             Fraction(fps) if fps else None, tuple(timestamps), "counted")
+
+
+def _find_video_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+class VideoFolder(Dataset):
+    """Clips of the videos under ``root`` as ``(3, frames, height, width)`` float32 tensors in ``[-1, 1]``.
+
+    Args:
+        root: folder searched recursively for video files (see :data:`VIDEO_EXTENSIONS`).
+        frames: frames per clip.
+        height, width: spatial size of a clip. Each decoded frame is resized (bilinear with antialiasing,
+            aspect ratio kept) so that its short side covers the crop, then cropped: centred in sequential
+            mode, at a random position in random mode.
+        stride: a clip takes every ``stride``-th frame, so it spans ``(frames - 1) * stride + 1`` frames of its
+            file. Files shorter than that are skipped (with one warning listing every skipped file).
+        mode: ``"sequential"``: a fixed index of all clips, starting at frames ``0, frames * stride, ...`` of
+            every file (in sorted path order); ``len`` is the number of such clips.
+            ``"random"``: ``len`` is ``clips_per_epoch``; clip ``i`` is drawn from a generator seeded by
+            ``(seed, epoch, i)``, with the file and start frame chosen uniformly among all valid
+            (file, start) pairs, and a random crop. The same seed and epoch give the same clips whatever the
+            number of DataLoader workers.
+        clips_per_epoch: number of clips per epoch, required in random mode only.
+        seed: seed of random mode.
+        max_open_files: open containers kept per process for reuse (least recently used closed first).
+
+    Containers are opened lazily in the process that reads a clip and are never carried across processes,
+    so the dataset works in a DataLoader with worker processes. With ``persistent_workers=True`` the workers
+    keep the epoch they were started with; call :meth:`set_epoch` before creating each epoch's iterator
+    without persistent workers.
+
+    Raises:
+        ValueError: an argument is invalid (the message names it), or no file under ``root`` gives a clip (the
+            message counts the files found per extension, the unreadable ones and the too short ones).
+        FileNotFoundError: ``root`` is not a folder.
+        RuntimeError: on reading a clip, when a file decodes fewer frames than its frame count promised
+            (a truncated or damaged file whose header was readable).
+
+    Attributes:
+        files: the usable files, as :class:`VideoFileInfo` in sorted path order.
+        skipped: ``(path, reason)`` for every file that was skipped.
+        last_clip_decoded_frames: frames the decoder produced for the most recent clip read in this process
+            (including frames between the seek keyframe and the clip's first frame).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        frames: int,
+        height: int,
+        width: int,
+        *,
+        stride: int = 1,
+        mode: str = "sequential",
+        clips_per_epoch: int | None = None,
+        seed: int = 0,
+        max_open_files: int = 8,
+    ):
+        self.frames = _positive_int("frames", frames)
+        self.height = _positive_int("height", height)
+        self.width = _positive_int("width", width)
+        self.stride = _positive_int("stride", stride)
+        self.max_open_files = _positive_int("max_open_files", max_open_files)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        if mode == "random":
+            if clips_per_epoch is None:
+                raise ValueError("clips_per_epoch is required in mode='random'")
+            self.clips_per_epoch = _positive_int("clips_per_epoch", clips_per_epoch)
+        else:
+            if clips_per_epoch is not None:
+                raise ValueError("clips_per_epoch applies to mode='random' only; sequential mode serves every clip")
+            self.clips_per_epoch = None
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        self.epoch = 0
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"VideoFolder root {str(self.root)!r} is not a folder")
+        self.span = (self.frames - 1) * self.stride + 1
+        candidates = _find_video_files(self.root)
+        self.files: list[VideoFileInfo] = []
+        self.skipped: list[tuple[str, str]] = []
+        unreadable = too_short = 0
+        for path in candidates:
+            try:
+                info = _probe(str(path))
+            except Exception as error:  # any decoder or container failure makes the file unusable
+                unreadable += 1
+                self.skipped.append((str(path), f"cannot be read ({type(error).__name__}: {error})"))
+                continue
+            if info.num_frames < self.span:
+                too_short += 1
+                self.skipped.append((str(path), f"{info.num_frames} frames, a clip needs {self.span}"))
+                continue
+            self.files.append(info)
+
+        if not self.files:
+            by_extension = Counter(p.suffix.lower() for p in candidates)
+            found = ", ".join(f"{count} {ext}" for ext, count in sorted(by_extension.items())) or "none"
+            raise ValueError(
+                f"no usable clip of {self.frames} frames with stride {self.stride} (spanning {self.span} frames) "
+                f"in {str(self.root)!r}: found {len(candidates)} video files ({found}); "
+                f"{unreadable} unreadable, {too_short} too short"
+            )
+        if self.skipped:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)
+            warnings.warn(f"VideoFolder skipped {len(self.skipped)} of {len(candidates)} video files "
+                          f"under {str(self.root)!r}:\n{listing}", stacklevel=2)
+
+        # Valid start frames per file: 0 .. num_frames - span. Cumulative counts map a flat draw to (file, start).
+        self._start_counts = [info.num_frames - self.span + 1 for info in self.files]
+        self._start_offsets = np.cumsum([0] + self._start_counts).tolist()
+        # Sequential index: clip starts at multiples of frames * stride, the whole span inside the file.
+        self._sequential: list[tuple[int, int]] = []
+        for file_index, info in enumerate(self.files):
+            for start in range(0, info.num_frames - self.span + 1, self.frames * self.stride):
+                self._sequential.append((file_index, start))
+
+        self._open: OrderedDict[str, av.container.InputContainer] = OrderedDict()
+        self._owner_pid = os.getpid()
+        self.last_clip_decoded_frames = 0
+
+    # ------------------------------------------------------------------ sampling
+    def __len__(self) -> int:
+        return len(self._sequential) if self.mode == "sequential" else self.clips_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose clips random mode draws (no effect in sequential mode)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def clip_location(self, index: int) -> tuple[str, int]:
+        """``(path, first frame index)`` of clip ``index`` in the current epoch."""
+        file_index, start, _ = self._locate(index)
+        return self.files[file_index].path, start
+
+    def _locate(self, index: int) -> tuple[int, int, tuple[float, float] | None]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"clip index must be an integer, got {index!r}")
+        length = len(self)
+        if index < 0:
+            index += length
+        if not 0 <= index < length:
+            raise IndexError(f"clip index {index} out of range for {length} clips")
+        if self.mode == "sequential":
+            file_index, start = self._sequential[index]
+            return file_index, start, None
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        flat = int(rng.integers(self._start_offsets[-1]))
+        file_index = bisect.bisect_right(self._start_offsets, flat) - 1
+        start = flat - self._start_offsets[file_index]
+        crop = (float(rng.random()), float(rng.random()))
+        return file_index, start, crop
+
+    # ------------------------------------------------------------------ decoding
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()  # open containers never cross a process boundary
+        return state
+
+    def _container(self, path: str):
+        if os.getpid() != self._owner_pid:
+            # A forked worker inherits the parent's open containers; it opens its own instead, so no two
+            # processes ever drive one demuxer or share its file position.
+            self._open = OrderedDict()
+            self._owner_pid = os.getpid()
+        container = self._open.get(path)
+        if container is None:
+            container = av.open(path)
+            self._open[path] = container
+            while len(self._open) > self.max_open_files:
+                _, oldest = self._open.popitem(last=False)
+                oldest.close()
+        else:
+            self._open.move_to_end(path)
+        return container
+
+    def _decode(self, info: VideoFileInfo, indices: list[int]) -> list[np.ndarray]:
+        """RGB frames ``(H, W, 3)`` uint8 for the sorted frame ``indices`` of one file, seeking to the first."""
+        container = self._container(info.path)
+        stream = container.streams.video[0]
+        container.seek(info.pts_of(indices[0]), stream=stream, backward=True, any_frame=False)
+        wanted = set(indices)
+        found: dict[int, np.ndarray] = {}
+        decoded = 0
+        for frame in container.decode(stream):
+            decoded += 1
+            if frame.pts is None:
+                continue
+            frame_index = info.index_of(frame.pts)
+            if frame_index in wanted and frame_index not in found:
+                found[frame_index] = frame.to_ndarray(format="rgb24")
+            if frame_index >= indices[-1]:
+                break
+        self.last_clip_decoded_frames = decoded
+        missing = [k for k in indices if k not in found]
+        if missing:
+            raise RuntimeError(f"{info.path}: could not decode frames {missing} (the file has "
+                               f"{info.num_frames} frames by its {info.frame_count_source} frame count)")
+        return [found[k] for k in indices]
+
+    def _resize_and_crop(self, video: torch.Tensor, crop: tuple[float, float] | None) -> torch.Tensor:
+        """``(F, 3, h, w)`` float in [0, 255] -> ``(F, 3, height, width)``, short side covering the crop."""
+        source_height, source_width = video.shape[-2:]
+        scale = max(self.height / source_height, self.width / source_width)
+        resized_height = max(self.height, round(source_height * scale))
+        resized_width = max(self.width, round(source_width * scale))
+        if (resized_height, resized_width) != (source_height, source_width):
+            video = F.interpolate(video, size=(resized_height, resized_width), mode="bilinear",
+                                  align_corners=False, antialias=True)
+        spare_height, spare_width = resized_height - self.height, resized_width - self.width
+        if crop is None:
+            top, left = spare_height // 2, spare_width // 2
+        else:
+            top = min(int(crop[0] * (spare_height + 1)), spare_height)
+            left = min(int(crop[1] * (spare_width + 1)), spare_width)
+        return video[..., top:top + self.height, left:left + self.width]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        file_index, start, crop = self._locate(index)
+        info = self.files[file_index]
+        indices = [start + k * self.stride for k in range(self.frames)]
+        rgb = np.stack(self._decode(info, indices))  # (F, H, W, 3) uint8
+        video = torch.from_numpy(rgb).permute(0, 3, 1, 2).to(torch.float32)
+        video = self._resize_and_crop(video, crop)
+        video = (video / 127.5 - 1.0).clamp(-1.0, 1.0)
+        return video.permute(1, 0, 2, 3).contiguous()  # (3, F, H, W)
+
+    def close(self) -> None:
+        """Close the containers this process has open (they reopen on the next read)."""
+        while self._open:
+            _, container = self._open.popitem()
+            container.close()
+
+    def __del__(self):
+        try:
+            if os.getpid() == self._owner_pid:
+                self.close()
+        except Exception:  # at interpreter exit av or our attributes may already be gone; nothing to report to
+            pass
