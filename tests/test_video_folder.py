@@ -29,33 +29,24 @@ def grey_level(frame_index: int) -> int:
 def encode_indexed_video(path: Path, frame_count: int, height: int, width: int, *, gop: int = 12,
                          codec: str | None = None) -> Path:
     """Write a lossy video whose frame k is flat grey at ``grey_level(k)``; a keyframe every ``gop`` frames."""
-    codec = codec or available_video_encoder()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = gop
-        for k in range(frame_count):
-            rgb = np.full((height, width, 3), grey_level(k), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    frames = [np.full((height, width, 3), grey_level(k), dtype=np.uint8) for k in range(frame_count)]
+    return encode_rgb_frames(path, frames, gop=gop, codec=codec)
 
 
-def encode_rgb_frames(path: Path, frames: list) -> None:
-    """Writes (H, W, 3) uint8 frames to a new video file (its folder is created)."""
+def encode_rgb_frames(path: Path, frames: list, *, gop: int = 12, codec: str | None = None) -> Path:
+    """Writes (H, W, 3) uint8 frames to a new video file (its folder is created); a keyframe every ``gop`` frames."""
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames[0].shape[:2]
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(available_video_encoder(), rate=25)
+        stream = container.add_stream(codec or available_video_encoder(), rate=25)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop
         for rgb in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
 
 
 def frame_indices(clip: torch.Tensor) -> list[int]:
@@ -289,3 +280,20 @@ def test_a_file_shorter_than_its_header_says_is_an_error_on_read(folder):
     promised = replace(mp4, num_frames=40)  # as if the header overstated the 30 frames the file has
     with pytest.raises(RuntimeError, match=r"a\.mp4: could not decode frames \[30, 31\]"):
         dataset._decode(promised, [28, 29, 30, 31])
+
+
+def test_clips_equal_the_matching_frames_of_a_full_decode(tmp_path):
+    # Textured frames, keyframes every 8 frames: a clip decoded after a seek must equal the same frames of a
+    # decode from the start, resized the same way (48x64 -> 24x32 keeps the aspect, so nothing is cropped).
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(40)]
+    path = encode_rgb_frames(tmp_path / "v" / "noise.mp4", frames, gop=8)
+    full = read_video(path)  # (3, 40, 48, 64)
+    dataset = VideoFolder(tmp_path / "v", frames=4, stride=3, height=24, width=32)
+    assert len(dataset) == 40 // 12
+    for index in range(len(dataset)):
+        _, start = dataset.clip_location(index)
+        picked = full[:, start:start + 12:3].transpose(0, 1)  # (4, 3, 48, 64)
+        expected = torch.nn.functional.interpolate(picked, size=(24, 32), mode="bilinear", antialias=True,
+                                                   align_corners=False).clamp(-1, 1).transpose(0, 1)
+        assert torch.allclose(dataset[index], expected, atol=1e-5)

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .video_io import signed_from_uint8
+
 __all__ = ["VideoFolder", "VideoFileInfo", "VIDEO_EXTENSIONS"]
 
 #: File name endings recognised as videos (compared case-insensitively).
@@ -337,7 +339,7 @@ class VideoFolder(Dataset):
         rgb = np.stack(self._decode(info, indices))  # (F, H, W, 3) uint8
         video = torch.from_numpy(rgb).permute(0, 3, 1, 2).to(torch.float32)
         video = self._resize_and_crop(video, crop)
-        video = (video / 127.5 - 1.0).clamp(-1.0, 1.0)
+        video = signed_from_uint8(video)
         return video.permute(1, 0, 2, 3).contiguous()  # (3, F, H, W)
 
     def close(self) -> None:

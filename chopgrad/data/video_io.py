@@ -46,9 +46,18 @@ def _as_video(video: torch.Tensor, name: str = "video") -> torch.Tensor:
     return video.detach().to("cpu", torch.float32)
 
 
+#: 8-bit pixel values v map to (v / PIXEL_HALF_RANGE - 1) in [-1, 1], the VAEs' convention.
+PIXEL_HALF_RANGE = 127.5
+
+
+def signed_from_uint8(values: torch.Tensor) -> torch.Tensor:
+    """8-bit pixel values (any float or integer tensor in [0, 255]) -> float32 in [-1, 1]."""
+    return (values.to(torch.float32) / PIXEL_HALF_RANGE - 1.0).clamp(-1.0, 1.0)
+
+
 def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """``(3, F, H, W)`` in [-1, 1] -> ``(F, H, W, 3)`` uint8 (values outside the range are clipped)."""
-    scaled = ((video.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    scaled = ((video.clamp(-1.0, 1.0) + 1.0) * PIXEL_HALF_RANGE).round().to(torch.uint8)
     return scaled.permute(1, 2, 3, 0).contiguous().numpy()
 
 
@@ -105,8 +114,7 @@ def read_video(path: str | os.PathLike) -> torch.Tensor:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     if not frames:
         raise ValueError(f"{str(path)!r} has no decodable frames")
-    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).to(torch.float32)
-    return video / 127.5 - 1.0
+    return signed_from_uint8(torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2))
 
 
 def save_comparison_grid(path: str | os.PathLike, rows: dict[str, torch.Tensor], frames: int = 4,
