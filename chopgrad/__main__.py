@@ -1,4 +1,4 @@
-"""`python -m chopgrad bench|probe|info` (same as the `chopgrad` console script)."""
+"""`python -m chopgrad bench|probe|train|info` (same as the `chopgrad` console script)."""
 import sys
 
 from chopgrad.tools.cli import main

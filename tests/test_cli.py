@@ -427,14 +427,15 @@ def test_top_level_help_lists_the_commands(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = _normalised(capsys.readouterr().out)
-    for command in ("bench peak memory", "probe temporal locality", "info versions"):
+    for command in ("bench peak memory", "probe temporal locality", "train train a one-step latent model",
+                    "info versions"):
         assert command in text
     assert "chopgrad COMMAND --help" in text
 
 
 def test_no_command_shows_the_commands_and_one_error_line(capsys):
     line, err = expect_usage_error(capsys, [])
-    assert line == "error: a command is required: bench, probe or info"
+    assert line == "error: a command is required: bench, probe, train or info"
     assert "probe temporal locality" in _normalised(err)
 
 

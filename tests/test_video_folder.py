@@ -210,6 +210,17 @@ def test_argument_errors_name_the_argument(folder, kwargs, message):
         VideoFolder(folder, **arguments)
 
 
+def test_files_restricts_the_dataset_to_those_files(folder, tmp_path):
+    only_b = make_dataset(folder, frames=4, height=8, width=8, files=[folder / "nested" / "b.MKV"])
+    assert [Path(info.path).name for info in only_b.files] == ["b.MKV"] and only_b.skipped == []
+    outside = tmp_path / "elsewhere.mp4"
+    encode_indexed_video(outside, 8, 16, 16)
+    for files, message in (([outside], "is not inside root"), ([folder / "missing.mp4"], "is not a file"),
+                           ([], "at least one video file"), (str(folder / "a.mp4"), "a list of paths")):
+        with pytest.raises(ValueError, match=message):
+            VideoFolder(folder, frames=4, height=8, width=8, files=files)
+
+
 def test_index_errors(folder):
     dataset = make_dataset(folder, frames=4, height=8, width=8, stride=2)
     with pytest.raises(IndexError):

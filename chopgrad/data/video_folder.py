@@ -28,6 +28,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Sequence
 
 import av
 import numpy as np
@@ -114,6 +115,21 @@ def _find_video_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
 
 
+def _check_files(root: Path, files) -> list[Path]:
+    if isinstance(files, (str, os.PathLike)) or not hasattr(files, "__iter__"):
+        raise ValueError(f"files must be a list of paths, got {files!r}")
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ValueError("files must name at least one video file (or be None for every file under root)")
+    resolved_root = root.resolve()
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"files: {str(path)!r} is not a file")
+        if resolved_root not in path.resolve().parents:
+            raise ValueError(f"files: {str(path)!r} is not inside root {str(root)!r}")
+    return sorted(paths)
+
+
 class VideoFolder(Dataset):
     """Clips of the videos under ``root`` as ``(3, frames, height, width)`` float32 tensors in ``[-1, 1]``.
 
@@ -134,6 +150,8 @@ class VideoFolder(Dataset):
         clips_per_epoch: number of clips per epoch, required in random mode only.
         seed: seed of random mode.
         max_open_files: open containers kept per process for reuse (least recently used closed first).
+        files: use these video files under ``root`` instead of every one found there (for example to hold some
+            files out for evaluation); each must be a file inside ``root``.
 
     Containers are opened lazily in the process that reads a clip and are never carried across processes,
     so the dataset works in a DataLoader with worker processes. With ``persistent_workers=True`` the workers
@@ -166,6 +184,7 @@ class VideoFolder(Dataset):
         clips_per_epoch: int | None = None,
         seed: int = 0,
         max_open_files: int = 8,
+        files: Sequence[str | os.PathLike] | None = None,
     ):
         self.frames = _positive_int("frames", frames)
         self.height = _positive_int("height", height)
@@ -192,7 +211,7 @@ class VideoFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"VideoFolder root {str(self.root)!r} is not a folder")
         self.span = (self.frames - 1) * self.stride + 1
-        candidates = _find_video_files(self.root)
+        candidates = _find_video_files(self.root) if files is None else _check_files(self.root, files)
         self.files: list[VideoFileInfo] = []
         self.skipped: list[tuple[str, str]] = []
         unreadable = too_short = 0

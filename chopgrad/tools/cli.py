@@ -1,7 +1,7 @@
-"""The `chopgrad` console script: `chopgrad bench`, `chopgrad probe`, `chopgrad info`.
+"""The `chopgrad` console script: `chopgrad bench`, `chopgrad probe`, `chopgrad train`, `chopgrad info`.
 
 This module parses and checks the arguments and calls chopgrad.tools.bench.bench,
-chopgrad.tools.probe and chopgrad.tools.info. Every invalid argument (including a
+chopgrad.tools.probe, chopgrad.tools.train and chopgrad.tools.info. Every invalid argument (including a
 model folder, frame count or output path that could only fail later) is reported
 before any work starts, as one `error: ...` line on stderr with exit code 2.
 """
@@ -37,6 +37,7 @@ def _number(parse, *, minimum, strict: bool, what: str):
 _positive_int = _number(int, minimum=1, strict=False, what="a positive integer")
 _nonneg_int = _number(int, minimum=0, strict=False, what="an integer >= 0")
 _positive_float = _number(float, minimum=0.0, strict=True, what="a positive number")
+_nonneg_float = _number(float, minimum=0.0, strict=False, what="a number >= 0")
 
 
 def _help_with_default(text: str, default) -> str:
@@ -83,13 +84,13 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, dtype_help: str = "model and input dtype") -> None:
     p.add_argument("--model", default="default",
                    help="'default' (chopgrad's small trained Wan 2.1 VAE), 'tiny-wan21' (random weights), "
                         "or PATH of a local diffusers AutoencoderKLWan / AutoencoderKLCogVideoX folder "
                         "(save_pretrained layout: config.json + diffusion_pytorch_model.safetensors or .bin)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="model and input dtype")
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help=dtype_help)
 
 
 def _grid(values) -> str:
@@ -165,6 +166,15 @@ def build_parser() -> _Parser:
     p.add_argument("--out", default="probe_out", metavar="DIR",
                    help="output folder for probe.json, probe.md and probe.png (created if missing)")
     p.set_defaults(func=cmd_probe)
+
+    from chopgrad.tools.train.command import add_train_command
+
+    train = add_train_command(
+        parser, sub, positive_int=_positive_int, nonneg_int=_nonneg_int, positive_float=_positive_float,
+        nonneg_float=_nonneg_float,
+        add_model=lambda p: _add_model_args(p, "fp32, or bf16: bf16 autocast of the model and decoder compute "
+                                               "(weights and optimizer state stay fp32)"))
+    train.set_defaults(func=cmd_train)
 
     info_help = "versions, C++ extension build status, CUDA, fused-op backends"
     i = parser.add_command(sub, "info", info_help)
@@ -336,6 +346,32 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from chopgrad.tools.train.command import COMPARE_FILES, TRAIN_FILES, check_before_work, config_from_args, run_train
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        fail(str(exc))
+    _check_device(args)
+    _check_model(args)
+    _check_out(config.out, COMPARE_FILES if args.compare else TRAIN_FILES)
+    check_before_work(config, fail)
+    if args.compare and args.resume:
+        fail("--compare starts every method afresh; it cannot --resume")
+    _check_shapes(_load_model(config.model), [config.frames], [*config.size], size_option="--size")
+    if args.compare:
+        from chopgrad.tools.train.compare import compare, format_table
+
+        t0 = time.monotonic()
+        comparison = compare(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+        print(format_table(comparison))
+        print(f"\n{len(comparison['rows'])} runs in {time.monotonic() - t0:.0f} s; wrote {config.out}/compare.md, "
+              f"compare.json, compare.png")
+        return 0
+    return run_train(config, fail)
+
+
 def cmd_info(args) -> int:
     from chopgrad.tools.info import collect_info, format_info
 
@@ -353,7 +389,7 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help(sys.stderr)
-        fail("a command is required: bench, probe or info")
+        fail("a command is required: bench, probe, train or info")
     sub = parser.commands[args.command]
     if unknown:
         sub.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestion(sub, unknown)}")

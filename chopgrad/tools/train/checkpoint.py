@@ -19,6 +19,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+#: the folder of a run's output folder that holds its checkpoint
+CHECKPOINT_FOLDER = "checkpoint"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RANDOM_FILE = "random.safetensors"

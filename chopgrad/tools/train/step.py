@@ -4,8 +4,14 @@ The model sees the condition latents plus the task's extra input at latent
 resolution (see chopgrad.data.tasks): the hole mask pooled to the latent grid
 (inpaint), or the latents of the first clean frame repeated over time
 (driving). Its loss is ``latent_weight * MSE(latents, target latents)`` plus
-``pixel_loss(vae, latents, target, ...)``, whose gradient reaches the model
-through the latents (and the decoder, when it is trained too).
+``pixel_weight`` times a pixel loss of the decoded video, whose gradient
+reaches the model through the latents (and the decoder, when it is trained
+too). The pixel term is computed by one of three methods:
+
+- ``"chopgrad"``: ``pixel_loss(vae, latents, target, ...)``, truncated backprop at ``d_trunc`` with ``schedule``;
+- ``"full"``: the same loss on the model's own ``vae.decode``, with plain autograd through the whole decode
+  (the exact gradient, at memory linear in the frame count);
+- ``"latent"``: no pixel term (the latent-only loss).
 """
 from __future__ import annotations
 
@@ -17,6 +23,10 @@ import torch.nn.functional as F
 
 from chopgrad.api import pixel_loss
 from chopgrad.data.tasks import Task, TaskPair
+from chopgrad.kernels import fused_ssim
+from chopgrad.losses import ELEMENTWISE_LOSSES, LossSpec, resolve_loss
+
+METHODS = ("chopgrad", "full", "latent")
 
 
 def encode(vae, video: torch.Tensor) -> torch.Tensor:
@@ -80,13 +90,65 @@ def extra_channels(task: Task, z_dim: int) -> int:
 
 @dataclass
 class LossSettings:
-    """What the loss of a step is made of (the pixel terms go to chopgrad.pixel_loss as they are)."""
+    """What the loss of a step is made of (the pixel terms go to chopgrad.pixel_loss as they are).
+
+    method: how the pixel term is computed (see the module docstring); "latent" has none.
+    """
 
     latent_weight: float = 1.0
-    pixel_loss: dict = field(default_factory=lambda: {"mse": 1.0})
+    pixel_loss: LossSpec = field(default_factory=lambda: {"mse": 1.0})
     pixel_weight: float = 1.0
     d_trunc: Optional[int] = 1
     schedule: str = "sliding"
+    method: str = "chopgrad"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("latent_weight", "pixel_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        resolve_loss(self.pixel_loss)  # a bad loss spec fails here, not at the first step
+
+    @property
+    def has_pixel_term(self) -> bool:
+        return self.method != "latent" and self.pixel_weight > 0
+
+
+def full_decode_pixel_loss(vae, latents: torch.Tensor, target: torch.Tensor, loss: LossSpec = "mse",
+                           mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``pixel_loss(..., reduction="mean")``'s loss, computed on the model's own ``vae.decode(latents).sample``.
+
+    Plain autograd through the whole decode: the exact gradient, with the activations of every decoder step
+    alive until backward. Elementwise terms are means over the (mask-weighted) elements, "ssim" is 1 - SSIM
+    averaged over frames, and a callable sees the whole clip (with unsupervised pixels replaced by the target),
+    as ``pixel_loss`` hands it to a callable that is a mean over frames.
+    """
+    pred = vae.decode(latents).sample.float()
+    target = target.to(pred.device, torch.float32)
+    total = torch.zeros((), device=pred.device, dtype=torch.float32)
+    terms = resolve_loss(loss)
+    weights = {t.name: t.weight for t in terms if t.elementwise}
+    if weights:
+        per_element = sum(w * ELEMENTWISE_LOSSES[name](pred, target) for name, w in weights.items())
+        if mask is None:
+            total = total + per_element.mean()
+        else:
+            m = mask.to(pred.device, torch.float32).expand_as(pred)
+            denominator = float(m.sum())
+            total = total + (per_element * m).sum() / (denominator if denominator > 0 else 1.0)
+    ssim_weight = sum(t.weight for t in terms if t.is_ssim)
+    if ssim_weight:
+        if mask is not None:
+            raise ValueError("mask is not supported with the 'ssim' loss (SSIM windows straddle masked pixels)")
+        total = total + ssim_weight * (1.0 - fused_ssim(pred, target, reduction="mean"))
+    callables = [t for t in terms if t.is_callable]
+    if callables:
+        seen = pred if mask is None else pred * mask.to(pred) + target * (1 - mask.to(pred))
+        for term in callables:
+            total = total + term.weight * term.fn(seen, target).reshape(()).float()
+    return total
 
 
 def training_loss(model, vae, task: Task, batch: Batch, settings: LossSettings) -> tuple[torch.Tensor, dict]:
@@ -96,9 +158,12 @@ def training_loss(model, vae, task: Task, batch: Batch, settings: LossSettings) 
     latent_term = F.mse_loss(latents.float(), target_latents.float())
     total = settings.latent_weight * latent_term
     parts = {"latent_mse": float(latent_term.detach())}
-    if settings.pixel_weight:
-        pixel_term = pixel_loss(vae, latents, batch.target, loss=settings.pixel_loss, d_trunc=settings.d_trunc,
-                                schedule=settings.schedule, mask=batch.loss_weights)
+    if settings.has_pixel_term:
+        if settings.method == "full":
+            pixel_term = full_decode_pixel_loss(vae, latents, batch.target, settings.pixel_loss, batch.loss_weights)
+        else:
+            pixel_term = pixel_loss(vae, latents, batch.target, loss=settings.pixel_loss, d_trunc=settings.d_trunc,
+                                    schedule=settings.schedule, mask=batch.loss_weights)
         total = total + settings.pixel_weight * pixel_term
         parts["pixel"] = float(pixel_term.detach())
     return total, parts

@@ -1,0 +1,201 @@
+"""`chopgrad train`: its options, their checks before any work, and the run (or the --compare of methods)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from chopgrad.data.tasks import TASKS
+
+from .checkpoint import CHECKPOINT_FOLDER
+from .config import QUICK, SCHEDULES, TrainConfig
+from .step import METHODS
+
+TRAIN_FILES = ("metrics.json", "metrics.csv", "curves.png")
+COMPARE_FILES = ("compare.json", "compare.md", "compare.png")
+
+TRAIN_HELP = ("train a one-step latent model for a video task with a pixel loss through chopgrad (or full "
+              "backprop, or the latent loss alone)")
+
+EPILOG = """\
+the model: a causal 3D-conv residual network maps the condition latents (plus the task's extra channels: the
+hole mask for inpaint, the first clean frame's latents for driving) to the target latents. --generator
+module:function replaces it: function(in_channels=..., out_channels=...) must return an nn.Module mapping
+(B, in_channels, T, h, w) to (B, out_channels, T, h, w), causal in time.
+
+the loss: --latent-weight * MSE(latents) + --pixel-weight * pixel loss of the decoded video (--pixel-loss terms,
+plus --perceptual-weight * the --perceptual image loss per frame). --method chopgrad computes the pixel term
+with chopgrad.pixel_loss (--d-trunc, --schedule), full with plain autograd through the model's own decode,
+latent leaves it out.
+
+outputs in --out: metrics.json, metrics.csv, curves.png, samples/ (grid PNGs and mp4s of held-out clips),
+checkpoint/ (for --resume), decoder/ (with --train-decoder). With --compare: one folder per method plus
+compare.json, compare.md and compare.png.
+
+data parallel: torchrun --nproc_per_node N -m chopgrad train ... (gloo on CPU, NCCL on CUDA); each rank
+trains on its own clips and gradients are averaged, so a step equals one process on the union of the clips.
+"""
+
+
+def _pixel_term(text: str):
+    name, _, weight = text.partition("=")
+    try:
+        value = float(weight) if weight else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME=WEIGHT, got {text!r}") from None
+    from chopgrad.losses import LOSS_NAMES
+
+    if name not in LOSS_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown pixel loss {name!r}; known: {', '.join(sorted(LOSS_NAMES))}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"the weight of {name!r} must be >= 0, got {value}")
+    return name, value
+
+
+def _d_trunc(text: str):
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'none', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'none', got {value}")
+    return value
+
+
+def add_train_command(parser, subparsers, *, positive_int, nonneg_int, positive_float, nonneg_float, add_model):
+    """Registers `train` on the top-level parser (the number types and model options are the CLI's own)."""
+    defaults = TrainConfig(task="vsr")
+    t = parser.add_command(subparsers, "train", TRAIN_HELP)
+    t.formatter_class = argparse.RawDescriptionHelpFormatter
+    t.epilog = EPILOG
+    quick_note = lambda name: f"; with --quick: {QUICK[name]}" if name in QUICK else ""
+
+    def default(name, shown=None):
+        value = getattr(defaults, name) if shown is None else shown
+        value = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        return f"(default: {value}{quick_note(name)})"
+
+    t.add_argument("--task", required=True, choices=sorted(TASKS), help="the video task")
+    t.add_argument("--data", metavar="DIR", help="a folder of video files (mp4, mkv, webm, avi, mov; searched "
+                   "recursively); the last tenth of the files is held out for evaluation (default: procedural "
+                   "synthetic clips)")
+    add_model(t)
+    t.add_argument("--steps", type=positive_int, help=f"optimizer steps {default('steps')}")
+    t.add_argument("--batch", type=positive_int, help=f"clips per step and rank {default('batch')}")
+    t.add_argument("--frames", type=positive_int, help=f"frames per clip (Wan: 1 + 4k) {default('frames')}")
+    t.add_argument("--size", type=positive_int, nargs="+", metavar=("H", "W"),
+                   help=f"clip height and width in pixels (one value: square) {default('size')}")
+    t.add_argument("--frame-stride", type=positive_int, help=f"take every N-th frame of a video file "
+                   f"{default('frame_stride')}")
+    t.add_argument("--method", choices=METHODS, help="how the pixel term is computed: chopgrad (pixel_loss), "
+                   "full (autograd through the model's own decode) or latent (no pixel term) (default: chopgrad)")
+    t.add_argument("--d-trunc", type=_d_trunc, default=argparse.SUPPRESS, help="chopgrad's truncation distance in decoder steps, or 'none' "
+                   "for the exact gradient (default: 1)")
+    t.add_argument("--schedule", choices=SCHEDULES, help="chopgrad's schedule (default: sliding)")
+    t.add_argument("--pixel-loss", type=_pixel_term, nargs="+", metavar="NAME[=WEIGHT]",
+                   help="pixel loss terms: mse, l1, charbonnier, huber, ssim (default: mse=1)")
+    t.add_argument("--latent-weight", type=nonneg_float, help=f"weight of the latent MSE {default('latent_weight')}")
+    t.add_argument("--pixel-weight", type=nonneg_float, help=f"weight of the pixel loss {default('pixel_weight')}")
+    t.add_argument("--perceptual", metavar="MODULE:FUNCTION", help="an image loss added to the pixel loss, through "
+                   "chopgrad.per_frame: FUNCTION() returns a callable (or module) mapping two (N, 3, H, W) images "
+                   "in [-1, 1] to a loss (LPIPS, DISTS, ... with weights you have on disk; nothing is downloaded)")
+    t.add_argument("--perceptual-weight", type=nonneg_float, help=f"weight of --perceptual "
+                   f"{default('perceptual_weight')}")
+    t.add_argument("--hole-weight", type=positive_float, help=f"inpaint: how much more a hole pixel counts in the "
+                   f"pixel loss {default('hole_weight')}")
+    t.add_argument("--lr", type=positive_float, help=f"peak learning rate of the model {default('lr')}")
+    t.add_argument("--decoder-lr", type=positive_float, help=f"peak learning rate of the decoder with "
+                   f"--train-decoder {default('decoder_lr')}")
+    t.add_argument("--weight-decay", type=nonneg_float, help=f"AdamW weight decay {default('weight_decay')}")
+    t.add_argument("--warmup", type=nonneg_int, help="linear warm-up steps before the cosine decay (default: 5%% "
+                   "of the steps)")
+    t.add_argument("--grad-clip", type=nonneg_float, help=f"clip the gradient norm to this; 0: no clipping "
+                   f"{default('grad_clip')}")
+    t.add_argument("--width", type=positive_int, help=f"channels of the default model {default('width')}")
+    t.add_argument("--blocks", type=positive_int, help=f"residual blocks of the default model {default('blocks')}")
+    t.add_argument("--generator", metavar="MODULE:FUNCTION", help="the model to train instead of the default one "
+                   "(see below)")
+    t.add_argument("--train-decoder", action="store_true", help="fine-tune the VAE decoder too (with --decoder-lr); "
+                   "saved to OUT/decoder as a diffusers folder")
+    t.add_argument("--eval-every", type=positive_int, help=f"steps between held-out evaluations "
+                   f"{default('eval_every')}")
+    t.add_argument("--eval-clips", type=positive_int, help=f"held-out clips {default('eval_clips')}")
+    t.add_argument("--samples", type=nonneg_int, help=f"held-out clips written as grid and mp4 {default('samples')}")
+    t.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints (default: at every "
+                   "evaluation and at the end)")
+    t.add_argument("--seed", type=nonneg_int, help=f"seed of the model, data and degradations {default('seed')}")
+    t.add_argument("--workers", type=nonneg_int, help=f"DataLoader worker processes {default('workers')}")
+    t.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores not busy with other "
+                   "processes, from the load average)")
+    t.add_argument("--out", metavar="DIR", help="output folder (default: train_out)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
+    t.add_argument("--quick", action="store_true", help="a short run: " + ", ".join(
+        f"{k} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in QUICK.items()))
+    t.add_argument("--compare", action="store_true", help="train the same task, data, model and steps with each "
+                   "method (latent only, full backprop, chopgrad sliding d_trunc 0 and 1, chunked d_trunc 1), each "
+                   "in its own process, and write one table and one plot")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return t
+
+
+def config_from_args(args) -> TrainConfig:
+    """The run's TrainConfig: given options, else --quick's, else the defaults. ValueError names a bad one."""
+    values = {}
+    for name in ("data", "model", "device", "dtype", "steps", "batch", "frames", "frame_stride", "method",
+                 "schedule", "latent_weight", "pixel_weight", "perceptual", "perceptual_weight", "hole_weight",
+                 "lr", "decoder_lr", "weight_decay", "warmup", "grad_clip", "width", "blocks", "generator",
+                 "eval_every", "eval_clips", "samples", "checkpoint_every", "seed", "workers", "threads", "out"):
+        value = getattr(args, name, None)
+        if value is None and args.quick and name in QUICK:
+            value = QUICK[name]
+        if value is not None:
+            values[name] = value
+    if args.size is not None:
+        if len(args.size) > 2:
+            raise ValueError(f"--size takes H W or one side, got {len(args.size)} values")
+        values["size"] = tuple(args.size) * (2 // len(args.size))
+    elif args.quick:
+        values["size"] = QUICK["size"]
+    if hasattr(args, "d_trunc"):  # given ('none' included)
+        values["d_trunc"] = args.d_trunc
+    if args.pixel_loss:
+        values["pixel_loss"] = dict(args.pixel_loss)
+    if args.samples is None and "eval_clips" in values:
+        values["samples"] = min(values.get("samples", TrainConfig.samples), values["eval_clips"])
+    return TrainConfig(task=args.task, train_decoder=args.train_decoder, resume=args.resume,
+                       progress=not args.no_progress, **values)
+
+
+def check_before_work(config: TrainConfig, fail) -> None:
+    """The checks that need no model: the output folder, the data folder, the factories."""
+    from .model import resolve_factory
+
+    checkpoint = os.path.join(config.out, CHECKPOINT_FOLDER)
+    if config.resume and not os.path.isdir(checkpoint):
+        fail(f"--resume: no checkpoint in {checkpoint!r}")
+    if config.data is not None and not os.path.isdir(config.data):
+        fail(f"--data: {config.data!r} is not a folder")
+    for option, spec in (("--generator", config.generator), ("--perceptual", config.perceptual)):
+        if spec is not None:
+            try:
+                resolve_factory(spec, option)
+            except ValueError as exc:
+                fail(str(exc))
+
+
+def run_train(config: TrainConfig, fail) -> int:
+    from .trainer import train
+
+    try:
+        record = train(config, log=lambda message: None if config.progress else print(message, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    summary = record["summary"]
+    final = summary.get("final_eval", {})
+    print(f"{config.task}: {summary.get('steps_done', 0)} steps, held-out PSNR {final.get('psnr', float('nan')):.2f} "
+          f"dB, SSIM {final.get('ssim', float('nan')):.4f}, temporal error {final.get('temporal_error', float('nan')):.4f}"
+          f"; {summary.get('time_per_step_s', float('nan')):.3f} s/step, peak "
+          f"{summary.get('peak_step_bytes', 0) / 2**20:.1f} MiB per step; wrote {config.out}")
+    return 0

@@ -1,0 +1,144 @@
+"""The settings of a training run, their defaults, the --quick preset, and the checks done before any work."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
+
+from chopgrad.data.tasks import TASKS
+
+from .step import METHODS
+
+DTYPES = ("fp32", "bf16")
+SCHEDULES = ("sliding", "chunked")
+
+#: settings --quick changes (unless given explicitly): a run of well under 3 minutes on 2 CPU cores
+QUICK = {"steps": 30, "frames": 9, "size": (32, 32), "eval_every": 10, "eval_clips": 2, "width": 32, "blocks": 2,
+         "samples": 1}
+
+#: settings that may differ between a run and its resumption: where it writes and how it shows progress
+RESUMABLE_DIFFERENCES = ("resume", "progress", "workers", "threads", "out")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; `chopgrad train --help` describes each option.
+
+    method: "chopgrad" (pixel_loss at d_trunc / schedule), "full" (the same pixel loss with plain autograd
+        through the model's own decode) or "latent" (no pixel term).
+    dtype: "fp32", or "bf16" for bf16 autocast of the model and decoder compute (weights and optimizer state
+        stay fp32).
+    warmup: linear warm-up steps of the learning rate, then cosine decay to 0 at `steps`; None: 5% of steps.
+    checkpoint_every: steps between checkpoints; 0: at every evaluation (and always at the end).
+    """
+
+    task: str
+    data: Optional[str] = None
+    model: str = "default"
+    generator: Optional[str] = None
+    perceptual: Optional[str] = None
+    perceptual_weight: float = 0.1
+    device: str = "cpu"
+    dtype: str = "fp32"
+    steps: int = 300
+    batch: int = 1
+    frames: int = 17
+    size: tuple = (64, 64)
+    frame_stride: int = 1
+    method: str = "chopgrad"
+    d_trunc: Optional[int] = 1
+    schedule: str = "sliding"
+    pixel_loss: Union[str, dict] = field(default_factory=lambda: {"mse": 1.0})
+    latent_weight: float = 1.0
+    pixel_weight: float = 1.0
+    hole_weight: float = 2.0
+    lr: float = 1e-3
+    decoder_lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup: Optional[int] = None
+    grad_clip: float = 1.0
+    width: int = 64
+    blocks: int = 3
+    train_decoder: bool = False
+    eval_every: int = 50
+    eval_clips: int = 4
+    samples: int = 2
+    checkpoint_every: int = 0
+    seed: int = 0
+    workers: int = 0
+    threads: Optional[int] = None
+    out: str = "train_out"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        self.size = tuple(self.size) if isinstance(self.size, (list, tuple)) else (self.size, self.size)
+        self.check()
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(0, self.steps // 20) if self.warmup is None else self.warmup
+
+    def check(self) -> None:
+        """Raises ValueError naming the setting, for anything that would fail later or be silently wrong."""
+        if self.task not in TASKS:
+            raise ValueError(f"task: unknown task {self.task!r}; known tasks are {', '.join(TASKS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("steps", "batch", "frames", "frame_stride", "width", "blocks", "eval_every", "eval_clips"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("samples", "checkpoint_every", "seed", "workers"):
+            _check_int(name, getattr(self, name), 0)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
+        if self.warmup is not None:
+            _check_int("warmup", self.warmup, 0)
+        if self.d_trunc is not None:
+            _check_int("d_trunc", self.d_trunc, 0)
+        if len(self.size) != 2:
+            raise ValueError(f"size must be (height, width), got {self.size!r}")
+        for value in self.size:
+            _check_int("size", value, 1)
+        for name in ("lr", "decoder_lr"):
+            _check_number(name, getattr(self, name), strict=True)
+        for name in ("weight_decay", "grad_clip", "latent_weight", "pixel_weight", "perceptual_weight"):
+            _check_number(name, getattr(self, name), strict=False)
+        _check_number("hole_weight", self.hole_weight, strict=True)
+        if self.samples > self.eval_clips:
+            raise ValueError(f"samples ({self.samples}) cannot exceed eval_clips ({self.eval_clips})")
+        if self.latent_weight == 0 and (self.method == "latent" or self.pixel_weight == 0) and not self.perceptual:
+            raise ValueError("the loss has no term: latent_weight is 0 and there is no pixel term")
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        return cls(**{k: (tuple(v) if k == "size" else v) for k, v in values.items()})
+
+    def differences(self, other: "TrainConfig", ignore=RESUMABLE_DIFFERENCES) -> list[str]:
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in ignore and mine[k] != theirs[k]]
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(name: str, value, *, strict: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value > 0 if strict else value >= 0)
+    if not ok or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+
+
+__all__ = ["DTYPES", "QUICK", "SCHEDULES", "TrainConfig"]
