@@ -95,6 +95,8 @@ def test_resume_needs_a_checkpoint_made_with_the_same_settings(tmp_path, capsys)
     (["--task", "vsr", "--pixel-loss", "lpips"], "unknown pixel loss 'lpips'"),
     (["--task", "vsr", "--samples", "3", "--eval-clips", "2"], "samples (3) cannot exceed eval_clips (2)"),
     (["--task", "vsr", "--d-trunc", "-1"], "--d-trunc"),
+    (["--task", "vsr", "--compare", "--method", "full"], "--compare trains every method afresh"),
+    (["--task", "vsr", "--compare", "--resume"], "drop --resume"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
@@ -113,6 +115,8 @@ def test_generator_and_perceptual_factories(tmp_path):
     assert set(model) == {"model.proj.weight", "model.proj.bias"}
     with pytest.raises(ValueError, match="must return an nn.Module"):
         train(tiny_config(tmp_path / "bad", generator="train_factories:not_a_module"))
+    with pytest.raises(ValueError, match=r"calling it as function\(in_channels=4, out_channels=4\) failed"):
+        train(tiny_config(tmp_path / "bad", generator="train_factories:gradient_l1"))
 
 
 def test_train_decoder_saves_a_diffusers_folder_with_a_changed_decoder(tmp_path):

@@ -349,6 +349,13 @@ def cmd_probe(args) -> int:
 def cmd_train(args) -> int:
     from chopgrad.tools.train.command import COMPARE_FILES, TRAIN_FILES, check_before_work, config_from_args, run_train
 
+    if args.compare:
+        chosen = [o for o, given in (("--resume", args.resume), ("--method", args.method is not None),
+                                     ("--d-trunc", hasattr(args, "d_trunc")), ("--schedule", args.schedule is not None))
+                  if given]
+        if chosen:
+            fail(f"--compare trains every method afresh (latent only, full backprop, chopgrad sliding d_trunc 0 and "
+                 f"1, chunked d_trunc 1); drop {', '.join(chosen)}")
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -357,8 +364,6 @@ def cmd_train(args) -> int:
     _check_model(args)
     _check_out(config.out, COMPARE_FILES if args.compare else TRAIN_FILES)
     check_before_work(config, fail)
-    if args.compare and args.resume:
-        fail("--compare starts every method afresh; it cannot --resume")
     _check_shapes(_load_model(config.model), [config.frames], [*config.size], size_option="--size")
     if args.compare:
         from chopgrad.tools.train.compare import compare, format_table

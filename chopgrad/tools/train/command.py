@@ -190,7 +190,7 @@ def run_train(config: TrainConfig, fail) -> int:
 
     try:
         record = train(config, log=lambda message: None if config.progress else print(message, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         fail(str(exc))
     summary = record["summary"]
     final = summary.get("final_eval", {})

@@ -57,7 +57,11 @@ def build_model(config: TrainConfig, z_dim: int, extra: int) -> nn.Module:
     if config.generator is None:
         return OneStepLatentModel(z_dim, extra, width=config.width, blocks=config.blocks)
     factory = resolve_factory(config.generator)
-    model = factory(in_channels=z_dim + extra, out_channels=z_dim)
+    try:
+        model = factory(in_channels=z_dim + extra, out_channels=z_dim)
+    except TypeError as exc:
+        raise ValueError(f"--generator {config.generator}: calling it as function(in_channels={z_dim + extra}, "
+                         f"out_channels={z_dim}) failed: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"--generator {config.generator}: the factory must return an nn.Module, "
                          f"got {type(model).__name__}")
