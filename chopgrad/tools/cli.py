@@ -86,7 +86,8 @@ def fail(message: str) -> NoReturn:
 
 def _add_model_args(p: argparse.ArgumentParser, dtype_help: str = "model and input dtype") -> None:
     p.add_argument("--model", default="default",
-                   help="'default' (chopgrad's small trained Wan 2.1 VAE), 'tiny-wan21' (random weights), "
+                   help="'default' (chopgrad's small trained Wan 2.1 VAE), 'tiny-wan21' or 'wan21-random' (a tiny "
+                        "Wan 2.1 config or the full Wan 2.1 architecture, random weights), "
                         "or PATH of a local diffusers AutoencoderKLWan / AutoencoderKLCogVideoX folder "
                         "(save_pretrained layout: config.json + diffusion_pytorch_model.safetensors or .bin)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -160,7 +161,7 @@ def build_parser() -> _Parser:
     p.add_argument("--max-d-trunc", type=_nonneg_int, default=4, metavar="N",
                    help="measure the truncated-gradient fidelity for d_trunc 0..N")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the synthetic input clip (and of the random latents of tiny-wan21)")
+                   help="seed of the synthetic input clip (and of the random latents of the random-weight models)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: the cores not busy with other "
                                                          "processes, from the load average)")
     p.add_argument("--out", default="probe_out", metavar="DIR",

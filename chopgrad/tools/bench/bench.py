@@ -27,7 +27,7 @@ import torch
 from ..metrics import gradient_fidelity
 from .methods import method_label
 from .runner import run_isolated
-from .workloads import check_frames, check_sizes, load_model, make_inputs
+from .workloads import RANDOM_MODELS, check_frames, check_sizes, load_model, make_inputs
 
 QUICK_FRAMES = (17, 129)
 QUICK_SIZES = (32,)
@@ -134,7 +134,7 @@ class _threads:
 
 
 def is_trained(model: str) -> bool:
-    return model != "tiny-wan21"
+    return model not in RANDOM_MODELS
 
 
 def check_shapes(vae, frames, sizes) -> None:

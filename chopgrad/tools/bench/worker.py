@@ -2,7 +2,8 @@
 
 Config keys: model, device, dtype, inputs (path of a torch.save'd
 {"latents", "target"}), method, d_trunc, schedule, repeats, warmup,
-save_grad (optional path for the latent gradient).
+save_grad (optional path for the latent gradient), lean (optional: run with
+chopgrad.patch's fused decoder ops).
 
 Before anything is measured the worker runs one step of the same method on
 the first three latent frames (see ``warm_up_code_paths``), then ``warmup``
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
     dtype = DTYPES[config.get("dtype", "fp32")]
     vae = load_model(config["model"], device=device, dtype=dtype)
     vae.requires_grad_(False)  # the step trains the upstream latents, as in a diffusion fine-tune
+    if config.get("lean"):
+        from chopgrad import patch
+
+        patch(vae)
     inputs = torch.load(config["inputs"])
     latents = inputs["latents"].to(device=device, dtype=dtype)
     target = inputs["target"].to(device=device, dtype=dtype)

@@ -1,5 +1,6 @@
 """Models and inputs for benchmarks: the built-in default VAE, a tiny random
-Wan 2.1 config, or a local diffusers VAE folder (`--model PATH`)."""
+Wan 2.1 config, the full Wan 2.1 architecture with random weights, or a local
+diffusers VAE folder (`--model PATH`)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,12 @@ TINY_WAN21_CONFIG = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_bl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-BUILTIN_MODELS = ("default", "tiny-wan21")
+#: diffusers' default AutoencoderKLWan config (the Wan 2.1 VAE) with random weights: real memory and time,
+#: no download (its decoded frames mean nothing, so it suits memory and speed, not fidelity)
+WAN21_RANDOM = "wan21-random"
+#: built-in models whose weights are random
+RANDOM_MODELS = ("tiny-wan21", WAN21_RANDOM)
+BUILTIN_MODELS = ("default", *RANDOM_MODELS)
 #: the diffusers classes chopgrad has adapters for (`chopgrad.wrap`)
 SUPPORTED_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
 CONFIG_NAME = "config.json"
@@ -27,7 +33,7 @@ _FOLDER_LAYOUT = f"save_pretrained layout: {CONFIG_NAME} + {SAFETENSORS_NAME} or
 
 
 def load_model(name: str, device="cpu", dtype=torch.float32):
-    """`name`: "default" (shipped trained VAE), "tiny-wan21" (random weights), or a local folder."""
+    """`name`: "default" (shipped trained VAE), "tiny-wan21" or "wan21-random" (random weights), or a local folder."""
     check_model_source(name)
     if name == "default":
         from chopgrad.models import default_vae
@@ -38,6 +44,11 @@ def load_model(name: str, device="cpu", dtype=torch.float32):
 
         torch.manual_seed(0)
         vae = AutoencoderKLWan(**TINY_WAN21_CONFIG)
+    elif name == WAN21_RANDOM:
+        from diffusers import AutoencoderKLWan
+
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan()
     else:
         vae = _load_local(name)
     vae = vae.to(device=device)

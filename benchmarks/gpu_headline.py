@@ -1,0 +1,162 @@
+"""The GPU headline: peak memory and time of one pixel-MSE training step on the full Wan 2.1 VAE.
+
+The model is diffusers' default ``AutoencoderKLWan`` config (the Wan 2.1 VAE architecture) with random weights
+in bf16; weights do not change memory or time, and nothing is downloaded. Every row is one training step
+(decode, MSE against a target video, backward to the latents) run in its own process
+(``chopgrad.tools.bench.worker``), which reports ``torch.cuda.max_memory_allocated`` above the inputs and
+weights, and the step's time.
+
+Rows run in the order of ``ROWS``, the headline first (chopgrad ``d_trunc=1``), and each size's rows after
+the other size's. A row that would start after ``--budget`` seconds is reported as skipped, so one call fits a
+short GPU loan; the first step of a row is its measured step (``--repeats`` adds timed steps).
+
+    python benchmarks/gpu_headline.py --out gpu_out              # on a CUDA machine; appends to RESULTS.md
+    python benchmarks/gpu_headline.py --tiny --out tiny_out      # the same on CPU at a tiny size (the test)
+
+The targets (an estimate for the full architecture): chopgrad ``d_trunc=1`` within 16 GB at 81x480x832 and
+within 40 GB at 49x720x1280.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+from chopgrad.tools.bench.runner import run_isolated
+from chopgrad.tools.bench.workloads import WAN21_RANDOM, latent_shape, load_model
+
+#: (frames, height, width) of the headline sizes, and the CPU sizes of --tiny
+SIZES = ((81, 480, 832), (49, 720, 1280))
+TINY_SIZES = ((5, 16, 24), (5, 24, 16))
+#: targets for chopgrad d_trunc=1 (either schedule), in GB (10^9 bytes)
+TARGET_GB = {(81, 480, 832): 16, (49, 720, 1280): 40}
+
+#: (label, worker settings), most important first within a size
+ROWS = (
+    ("chopgrad sliding d=1, lean", {"method": "pixel_loss", "d_trunc": 1, "schedule": "sliding", "lean": True}),
+    ("chopgrad chunked d=1, lean", {"method": "pixel_loss", "d_trunc": 1, "schedule": "chunked", "lean": True}),
+    ("chopgrad sliding d=1", {"method": "pixel_loss", "d_trunc": 1, "schedule": "sliding"}),
+    ("chopgrad chunked d=1", {"method": "pixel_loss", "d_trunc": 1, "schedule": "chunked"}),
+    ("chopgrad d=0, lean", {"method": "pixel_loss", "d_trunc": 0, "schedule": "sliding", "lean": True}),
+    ("chopgrad d=0", {"method": "pixel_loss", "d_trunc": 0, "schedule": "sliding"}),
+    ("checkpointed (per step)", {"method": "checkpoint"}),
+    ("full backprop", {"method": "full"}),
+)
+
+
+def make_inputs_file(folder: str, vae, frames: int, height: int, width: int, dtype: torch.dtype) -> str:
+    """Random latents and a random target in [-1, 1] (content does not change memory or time), saved for workers."""
+    shape = latent_shape(vae, frames, height, width)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(shape, generator=g).to(dtype)
+    target = (torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1).to(dtype)
+    path = os.path.join(folder, f"inputs_{frames}x{height}x{width}.pt")
+    torch.save({"latents": latents, "target": target}, path)
+    return path
+
+
+def run(args) -> list[dict]:
+    sizes = TINY_SIZES if args.tiny else SIZES
+    model = "tiny-wan21" if args.tiny else WAN21_RANDOM
+    dtype_name = "fp32" if args.tiny else args.dtype
+    vae = load_model(model)  # on the CPU: only its config is needed here
+    rows = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as scratch:
+        for frames, height, width in sizes:
+            inputs = make_inputs_file(scratch, vae, frames, height, width, {"fp32": torch.float32,
+                                                                              "bf16": torch.bfloat16}[dtype_name])
+            for label, settings in ROWS:
+                row = {"size": f"{frames}x{height}x{width}", "frames": frames, "height": height, "width": width,
+                       "label": label, **settings}
+                elapsed = time.monotonic() - started
+                if elapsed > args.budget:
+                    rows.append({**row, "status": "skipped", "detail": f"time budget of {args.budget:.0f} s spent"})
+                    continue
+                config = {"model": model, "device": args.device, "dtype": dtype_name, "inputs": inputs,
+                          "repeats": args.repeats, "warmup": 0, **settings}
+                measured = run_isolated(config, timeout_s=max(30.0, args.budget - elapsed + 60.0))
+                rows.append({**row, "status": measured.status, "detail": measured.detail, **measured.result,
+                             "wall_s": time.monotonic() - started - elapsed})
+                print(format_row(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['size']} {row['label']}: {row['status']} {row.get('detail', '')}"
+    return (f"{row['size']} {row['label']}: {row['peak_bytes'] / 1e9:.2f} GB, {row['memory_step_s']:.2f} s/step "
+            f"({row['wall_s']:.0f} s in all)")
+
+
+def format_table(rows: list[dict], device: str) -> str:
+    lines = [f"Device: {device}.", "",
+             "| size (frames x H x W) | method | peak memory (GB) | target | time per step (s) | status |",
+             "|---|---|---:|---|---:|---|"]
+    for r in rows:
+        target = TARGET_GB.get((r["frames"], r["height"], r["width"]))
+        is_headline = r.get("d_trunc") == 1 and r.get("method") == "pixel_loss"
+        if r["status"] == "ok":
+            peak = r["peak_bytes"] / 1e9
+            step = min(r["times_s"]) if r.get("times_s") else r["memory_step_s"]
+            verdict = ""
+            if is_headline and target:
+                verdict = f"<= {target}: {'met' if peak <= target else 'missed'}"
+            lines.append(f"| {r['size']} | {r['label']} | {peak:.2f} | {verdict} | {step:.2f} | ok |")
+        else:
+            lines.append(f"| {r['size']} | {r['label']} | | | | {r['status']}: {r.get('detail', '')} |")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--repeats", type=int, default=0, help="timed steps after the measured one")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds after which no row is started")
+    parser.add_argument("--tiny", action="store_true", help="tiny Wan 2.1 config, tiny sizes, fp32 (a CPU check)")
+    parser.add_argument("--out", default="gpu_headline_out", help="folder for headline.json and headline.md")
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                        help="RESULTS.md to append the table to ('' to skip)")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available (use --tiny --device cpu for the CPU check)")
+    started = time.monotonic()
+    rows = run(args)
+    device = device_name(args.device)
+    table = format_table(rows, device)
+    os.makedirs(args.out, exist_ok=True)
+    dtype = "fp32" if args.tiny else args.dtype
+    model = ("a tiny Wan 2.1 config (tiny-wan21)" if args.tiny else
+             "Full Wan 2.1 VAE architecture (diffusers' default AutoencoderKLWan config)")
+    with open(os.path.join(args.out, "headline.json"), "w") as f:
+        json.dump({"device": device, "dtype": dtype, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "headline.md"), "w") as f:
+        f.write(table + "\n")
+    if args.results:
+        title = "GPU headline" + (" (tiny CPU check)" if args.tiny else "")
+        command = "python benchmarks/gpu_headline.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.results, "a") as f:
+            f.write(f"\n## {title}, {datetime.date.today().isoformat()}\n\n{model} with random weights, "
+                    f"{dtype}, one pixel-MSE "
+                    f"training step per process; peak = torch.cuda.max_memory_allocated above weights and inputs. "
+                    f"Reproduce: `{command}` ({time.monotonic() - started:.0f} s).\n\n{table}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

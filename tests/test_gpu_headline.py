@@ -1,0 +1,40 @@
+"""benchmarks/gpu_headline.py at a tiny size on the CPU, so the GPU run cannot rot."""
+import json
+
+from script_loader import load_script
+
+
+def test_headline_runs_every_row_and_writes_its_table(tmp_path):
+    headline = load_script("gpu_headline", folder="benchmarks")
+    results = tmp_path / "RESULTS.md"
+    assert headline.main(["--tiny", "--device", "cpu", "--budget", "900", "--out", str(tmp_path / "out"),
+                          "--results", str(results)]) == 0
+    record = json.loads((tmp_path / "out" / "headline.json").read_text())
+    rows = record["rows"]
+    assert len(rows) == len(headline.TINY_SIZES) * len(headline.ROWS)
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 and r["memory_step_s"] > 0 for r in rows), rows
+    # every chopgrad row decodes to the same loss as full backprop: the same step on the same inputs
+    for size in {r["size"] for r in rows}:
+        losses = [r["loss"] for r in rows if r["size"] == size]
+        assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
+    table = results.read_text()
+    assert "## GPU headline (tiny CPU check)" in table and table.count("| ok |") == len(rows)
+    assert "chopgrad sliding d=1, lean" in table
+
+
+def test_budget_skips_the_rows_it_cannot_start(tmp_path, monkeypatch):
+    headline = load_script("gpu_headline", folder="benchmarks")
+    from chopgrad.tools.bench.runner import Measurement
+
+    clock = [0.0]
+
+    def one_row_takes_ten_seconds(config, **kwargs):
+        clock[0] += 10.0
+        return Measurement(config, "ok", result={"peak_bytes": 1, "memory_step_s": 1.0, "times_s": []})
+
+    monkeypatch.setattr(headline, "run_isolated", one_row_takes_ten_seconds)
+    monkeypatch.setattr(headline.time, "monotonic", lambda: clock[0])
+    assert headline.main(["--tiny", "--device", "cpu", "--budget", "25", "--out", str(tmp_path), "--results", ""]) == 0
+    rows = json.loads((tmp_path / "headline.json").read_text())["rows"]
+    assert [r["status"] for r in rows[:3]] == ["ok"] * 3  # started at 0, 10 and 20 s
+    assert {r["status"] for r in rows[3:]} == {"skipped"}
