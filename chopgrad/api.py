@@ -14,7 +14,7 @@ from .frames import FrameInput, FrameSource, optional_source
 from .losses import LossSpec, resolve_loss
 from .video_loss import VideoLoss
 
-SCHEDULES = ("sliding", "chunked")
+SCHEDULES = ("sliding", "chunked", "sliding_recompute")
 #: Latents are (B, C, T, h, w): decoder steps cut them along T.
 LATENT_TIME_DIM = 2
 REDUCTIONS = ("mean", "sum")
@@ -102,8 +102,12 @@ def pixel_loss(
             frames, or a dict {name_or_callable: weight}. Named losses run
             through chopgrad.kernels' fused value-and-grad ops.
         d_trunc: truncation distance in decoder steps (>= 0), or None for none.
-        schedule: "sliding" (exact truncated gradient, (d_trunc+1)x compute) or
-            "chunked" (1x compute, truncation distance 0..d_trunc).
+        schedule: "sliding" (exact truncated gradient; each step runs forward
+            once and the loss of step g is backpropagated through steps
+            g-d_trunc .. g one step at a time), "sliding_recompute" (the same
+            gradient by re-running those steps: (d_trunc+1)x compute, a little
+            less memory at d_trunc >= 2) or "chunked" (1x compute, truncation
+            distance 0..d_trunc).
         mask: optional (B, 1 or C, F, H, W) weights (tensor or callable like
             target), finite and >= 0. An all-zero mask supervises no pixel:
             the elementwise terms are 0 with zero gradient (not 0/0), and
@@ -146,8 +150,8 @@ def pixel_loss(
     mask_source = optional_source(mask, "mask", plan.video_shape, allow_single_channel=True, constant=wants_grad,
                                   weights=True)
     video_loss = VideoLoss(adapter, plan, terms, target_source, mask_source, reduction, clamp, supervised)
-    # Only the sliding schedule runs a step more than once.
-    replay = ReplayedRandomness(latents.device, d + 1) if schedule == "sliding" and d >= 0 else None
+    # Only the recomputed sliding schedule runs a step more than once.
+    replay = ReplayedRandomness(latents.device, d + 1) if schedule == "sliding_recompute" and d >= 0 else None
     engine = _ext.load_extension().Engine(
         step=engine_step(adapter, plan, replay), loss=video_loss, group_bounds=list(plan.group_bounds),
         supervised=supervised, d_trunc=d, schedule=schedule, initial_state=adapter.initial_state(),

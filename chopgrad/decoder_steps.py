@@ -1,8 +1,9 @@
 """The step function the engine calls: an adapter step made safe to run more than once.
 
-The sliding schedule runs a decoder step again for every later loss that
-reaches back to it, and the engine backpropagates a step's graph only after
-the step has returned. Two things must then hold that a single forward pass
+The recomputed sliding schedule runs a decoder step again for every later
+loss that reaches back to it, and every schedule backpropagates a step's graph
+only after the step has returned (the sliding schedule keeps it alive for up
+to d_trunc later steps). Two things must then hold that a single forward pass
 never needs:
 
 - Every run of a step draws the same random numbers (dropout in train mode):
@@ -29,7 +30,7 @@ from .adapters import DecodePlan, DecoderAdapter
 class ReplayedRandomness:
     """Restores, before each run of a step after its first, the random state of its first run.
 
-    Only the most recent `window` steps are remembered: the sliding
+    Only the most recent `window` steps are remembered: the recomputed sliding
     schedule never re-runs a step further back than its truncation distance.
     """
 

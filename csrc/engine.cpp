@@ -48,7 +48,8 @@ class StateRing {
 Schedule parse_schedule(const std::string& name) {
   if (name == "sliding") return Schedule::kSliding;
   if (name == "chunked") return Schedule::kChunked;
-  TORCH_CHECK_VALUE(false, "schedule must be 'sliding' or 'chunked', got '", name, "'");
+  if (name == "sliding_recompute") return Schedule::kSlidingRecompute;
+  TORCH_CHECK_VALUE(false, "schedule must be 'sliding', 'chunked' or 'sliding_recompute', got '", name, "'");
 }
 
 int64_t Plan::last_supervised() const {
@@ -153,6 +154,48 @@ class Accumulator {
 
   bool anything_to_differentiate() const { return latents_need_grad_ || !trainable_.empty(); }
 
+  // A latent group as the tensor a step consumes: a fresh leaf when latents need grad.
+  at::Tensor leaf(const at::Tensor& group) const {
+    at::Tensor z = group.detach();
+    if (latents_need_grad_) z.requires_grad_(true);
+    return z;
+  }
+
+  // One vector-Jacobian product through one step's graph: accumulates the
+  // gradients of latent group g and of the parameters, and returns the
+  // cotangents of `state_leaves` (undefined where a slot takes none).
+  State step_vjp(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& grad_outputs,
+                 const at::Tensor& latent_leaf, int64_t g, const State& state_leaves, bool retain_graph,
+                 RunStats& stats) {
+    State cotangents(state_leaves.size());
+    bool any_graph = false;
+    for (const auto& o : outputs) any_graph = any_graph || o.requires_grad();
+    if (!any_graph) return cotangents;
+    std::vector<at::Tensor> inputs;
+    const bool latent_input = latent_leaf.defined() && latent_leaf.requires_grad();
+    if (latent_input) inputs.push_back(latent_leaf);
+    std::vector<size_t> slot_of_input;
+    for (size_t i = 0; i < state_leaves.size(); ++i) {
+      if (state_leaves[i].defined() && state_leaves[i].requires_grad()) {
+        inputs.push_back(state_leaves[i]);
+        slot_of_input.push_back(i);
+      }
+    }
+    const size_t first_param = inputs.size();
+    inputs.insert(inputs.end(), trainable_.begin(), trainable_.end());
+    if (inputs.empty()) return cotangents;
+    std::vector<at::Tensor> grads = torch::autograd::grad(outputs, inputs, grad_outputs, retain_graph,
+                                                          /*create_graph=*/false, /*allow_unused=*/true);
+    stats.backward_calls += 1;
+    if (latent_input && grads[0].defined())
+      grad_latents_.slice(plan_.time_dim, plan_.group_bounds[g], plan_.group_bounds[g + 1]).add_(grads[0]);
+    for (size_t j = 0; j < slot_of_input.size(); ++j)
+      cotangents[slot_of_input[j]] = std::move(grads[(latent_input ? 1 : 0) + j]);
+    for (size_t j = 0; j < trainable_.size(); ++j)
+      if (grads[first_param + j].defined()) grad_params_[j].add_(grads[first_param + j]);
+    return cotangents;
+  }
+
   // One torch::autograd::grad over the pending losses; frees their graph.
   void backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& grad_outputs,
                 const GradTargets& targets, RunStats& stats) {
@@ -251,9 +294,128 @@ void run_chunked(EngineCore& core, const at::Tensor& latents, Accumulator& acc, 
   }
 }
 
-// schedule="sliding": the loss of step g is backpropagated alone through the
-// re-run of steps g-D .. g started from the detached state s_{g-D}.
+// Whether any step in [first, last] (clipped to the plan) is supervised.
+bool any_supervised(const Plan& plan, int64_t first, int64_t last) {
+  last = std::min(last, plan.num_steps() - 1);
+  for (int64_t g = std::max<int64_t>(first, 0); g <= last; ++g)
+    if (plan.supervised[static_cast<size_t>(g)]) return true;
+  return false;
+}
+
+// The graph of one decoder step, kept alive until the last loss that reaches it.
+struct StepGraph {
+  int64_t step = -1;
+  at::Tensor latent_leaf;   // undefined when the latents take no gradient
+  State state_leaves;       // the step's input state; slots that take a gradient require grad
+  State next_state;         // the step's output state, attached to its graph
+  bool alive() const { return step >= 0; }
+  void release() {
+    step = -1;
+    latent_leaf = at::Tensor();
+    state_leaves.clear();
+    next_state.clear();
+  }
+};
+
+State state_leaves(const State& detached, bool with_grad) {
+  State out;
+  out.reserve(detached.size());
+  for (const auto& t : detached) {
+    if (with_grad && t.defined() && (t.is_floating_point() || t.is_complex())) {
+      out.push_back(t.detach().requires_grad_(true));
+    } else {
+      out.push_back(t);
+    }
+  }
+  return out;
+}
+
+// schedule="sliding": every step runs forward once, its input state a fresh
+// leaf, and its graph stays alive while a loss within D steps can reach it.
+// The loss of step g is backpropagated as a chain of one-step vector-Jacobian
+// products: through step g into the leaves of its latent group and state,
+// then through step g-1 with that state cotangent on its output state, and
+// so on down to step g-D, whose state cotangent is not computed. A step's
+// graph is freed by the backward of the last loss that uses it (the loss of
+// step k+D, or the last supervised one before it), so at most D+1 step
+// graphs are alive at once, and the gradient is the truncated gradient of
+// docs/design.md section 2 at 1x forward compute.
 void run_sliding(EngineCore& core, const at::Tensor& latents, Accumulator& acc, int64_t d, Totals& totals) {
+  const Plan& plan = core.plan;
+  RunStats& stats = *core.stats;
+  const int64_t last = plan.last_supervised();
+  std::vector<StepGraph> graphs(static_cast<size_t>(d + 1));
+  auto graph_of = [&](int64_t k) -> StepGraph& { return graphs[static_cast<size_t>(k % (d + 1))]; };
+  int64_t alive = 0;
+  State state = detach_state(core.initial_state);
+  stats.max_states_held = std::max<int64_t>(stats.max_states_held, 1);
+  for (int64_t g = 0; g <= last; ++g) {
+    if (!any_supervised(plan, g, g + d)) {  // no loss reaches this step: advance without a graph
+      state = core.advance(latents, g, g, std::move(state));
+      continue;
+    }
+    StepGraph& node = graph_of(g);
+    TORCH_CHECK(!node.alive(), "chopgrad engine: the graph of step ", node.step, " outlived its last use");
+    // The state cotangent of step g is wanted by the losses of steps g .. g+D-1 (they reach step g-1).
+    const bool state_grad = g > 0 && d > 0 && any_supervised(plan, g, g + d - 1);
+    at::Tensor frames;
+    {
+      at::AutoGradMode enable(true);
+      node.step = g;
+      node.latent_leaf = acc.leaf(core.latent_group(latents, g));
+      node.state_leaves = state_leaves(state, state_grad);
+      StepResult out = core.run_step(g, node.latent_leaf, node.state_leaves, true);
+      frames = std::move(out.frames);
+      node.next_state = std::move(out.next_state);
+    }
+    state = detach_state(node.next_state);
+    stats.max_steps_in_graph = std::max(stats.max_steps_in_graph, ++alive);
+    if (!plan.supervised[static_cast<size_t>(g)]) continue;
+    std::vector<at::Tensor> outputs, grad_outputs;
+    {
+      at::AutoGradMode enable(true);
+      totals.add(add_loss(core, g, frames, outputs, grad_outputs));
+    }
+    frames = at::Tensor();
+    const int64_t lowest = std::max<int64_t>(0, g - d);
+    for (int64_t k = g; k >= lowest && !outputs.empty(); --k) {
+      StepGraph& link = graph_of(k);
+      TORCH_CHECK(link.step == k, "chopgrad engine: the graph of step ", k, " is no longer alive");
+      // Another loss reaches step k later when one of steps g+1 .. k+D is supervised.
+      const bool retain = any_supervised(plan, g + 1, std::min(k + d, last));
+      const bool wants_state = k > lowest;
+      State cotangents = acc.step_vjp(outputs, grad_outputs, link.latent_leaf, k,
+                                      wants_state ? link.state_leaves : State(), retain, stats);
+      outputs.clear();
+      grad_outputs.clear();
+      if (!retain) {
+        link.release();
+        --alive;
+      }
+      if (!wants_state) break;
+      const State& previous_outputs = graph_of(k - 1).next_state;
+      for (size_t i = 0; i < cotangents.size() && i < previous_outputs.size(); ++i) {
+        if (cotangents[i].defined() && previous_outputs[i].defined() && previous_outputs[i].requires_grad()) {
+          outputs.push_back(previous_outputs[i]);
+          grad_outputs.push_back(std::move(cotangents[i]));
+        }
+      }
+    }
+    // Steps below the chain whose last loss was this one (no later loss reaches them).
+    for (int64_t k = lowest; k <= g; ++k) {
+      StepGraph& link = graph_of(k);
+      if (link.step == k && !any_supervised(plan, g + 1, std::min(k + d, last))) {
+        link.release();
+        --alive;
+      }
+    }
+  }
+}
+
+// schedule="sliding_recompute": the loss of step g is backpropagated alone
+// through a re-run of steps g-D .. g started from the detached state s_{g-D}.
+// (D+1)x forward compute; between losses only states are held.
+void run_sliding_recompute(EngineCore& core, const at::Tensor& latents, Accumulator& acc, int64_t d, Totals& totals) {
   const Plan& plan = core.plan;
   RunStats& stats = *core.stats;
   const int64_t last = plan.last_supervised();
@@ -305,6 +467,8 @@ class TruncatedLoss : public torch::autograd::Function<TruncatedLoss> {
       run_chunked(*core, latents, acc, std::max<int64_t>(last + 1, 1), totals);
     } else if (plan.schedule == Schedule::kChunked) {
       run_chunked(*core, latents, acc, plan.d_trunc + 1, totals);
+    } else if (plan.schedule == Schedule::kSlidingRecompute) {
+      run_sliding_recompute(*core, latents, acc, plan.d_trunc, totals);
     } else {
       run_sliding(*core, latents, acc, plan.d_trunc, totals);
     }

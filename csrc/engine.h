@@ -45,7 +45,7 @@ using StepFn = std::function<StepResult(int64_t step, const at::Tensor& latent_g
 // need_grad is false when only the value is wanted (evaluation).
 using LossFn = std::function<LossResult(int64_t step, const at::Tensor& frames, bool need_grad)>;
 
-enum class Schedule { kSliding, kChunked };
+enum class Schedule { kSliding, kChunked, kSlidingRecompute };
 
 Schedule parse_schedule(const std::string& name);
 
@@ -73,7 +73,7 @@ struct RunStats {
   int64_t steps_run_with_grad = 0;  // of those, executed with a graph
   int64_t backward_calls = 0;       // torch::autograd::grad invocations
   int64_t max_states_held = 0;      // peak number of detached states buffered
-  int64_t max_steps_in_graph = 0;   // peak number of steps alive in one graph
+  int64_t max_steps_in_graph = 0;   // peak number of steps whose graph is alive at once
 };
 
 class Engine {

@@ -34,7 +34,7 @@ def oracle(toy, z, target, d, schedule, supervised):
     params = list(toy.parameters())
     pgrads = [torch.zeros_like(p) for p in params]
     for g in supervised:
-        start = 0 if d is None else (max(0, g - d) if schedule == "sliding" else g - g % (d + 1))
+        start = 0 if d is None else (max(0, g - d) if schedule in ("sliding", "sliding_recompute") else g - g % (d + 1))
         h = [None]
         with torch.no_grad():
             for k in range(start):
@@ -51,7 +51,7 @@ def oracle(toy, z, target, d, schedule, supervised):
     return grads, pgrads
 
 
-@pytest.mark.parametrize("schedule", ["sliding", "chunked"])
+@pytest.mark.parametrize("schedule", ["sliding", "chunked", "sliding_recompute"])
 @pytest.mark.parametrize("d_trunc", [0, 1, 3, None])
 @pytest.mark.parametrize("steps", [1, 6, 7])
 def test_toy_decoder_against_oracle(schedule, d_trunc, steps):
@@ -95,10 +95,40 @@ def _engine(toy, steps, d, schedule, supervised=None, loss_log=None):
 
 
 @pytest.mark.parametrize("d", [0, 1, 2, 4])
-def test_sliding_buffers_are_bounded(d):
+def test_sliding_runs_every_step_once_and_keeps_at_most_d_plus_1_step_graphs(d):
     toy = ToyDecoder()
     steps = 12
     engine = _engine(toy, steps, d, "sliding")
+    engine.loss(torch.randn(1, 3, steps, 1, 1, requires_grad=True), list(toy.parameters()))
+    stats = engine.stats
+    assert stats["steps_run"] == stats["steps_run_with_grad"] == steps  # 1x forward compute
+    assert stats["max_states_held"] == 1
+    assert stats["max_steps_in_graph"] == d + 1
+    # the loss of step g: one vector-Jacobian product through each of steps g-D .. g
+    assert stats["backward_calls"] == sum(min(g, d) + 1 for g in range(steps))
+
+
+@pytest.mark.parametrize("supervised", [[True, False, False, False, True, False, True, True],
+                                        [False, True, False, False, False, False, False, True]])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_sliding_frees_each_step_graph_after_its_last_loss(d, supervised):
+    toy = ToyDecoder()
+    steps = len(supervised)
+    engine = _engine(toy, steps, d, "sliding", supervised=supervised)
+    z = torch.randn(1, 3, steps, 1, 1, requires_grad=True)
+    engine.loss(z, list(toy.parameters()))
+    last = max(g for g in range(steps) if supervised[g])
+    # a step runs with a graph only when a loss within D steps reaches it, and no graph outlives its last loss
+    needed = [any(supervised[g:min(g + d, last) + 1]) for g in range(last + 1)]
+    assert engine.stats["steps_run_with_grad"] == sum(needed) and engine.stats["steps_run"] == last + 1
+    assert engine.stats["max_steps_in_graph"] <= d + 1
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 4])
+def test_sliding_recompute_buffers_are_bounded(d):
+    toy = ToyDecoder()
+    steps = 12
+    engine = _engine(toy, steps, d, "sliding_recompute")
     engine.loss(torch.randn(1, 3, steps, 1, 1, requires_grad=True), list(toy.parameters()))
     stats = engine.stats
     assert stats["max_states_held"] <= d + 1
@@ -127,7 +157,7 @@ def test_unsupervised_tail_is_not_decoded_and_evaluate_takes_no_grad():
     engine = _engine(toy, 8, 1, "sliding", supervised=[True, False, True] + [False] * 5, loss_log=log)
     z = torch.randn(1, 3, 8, 1, 1, requires_grad=True)
     engine.loss(z, list(toy.parameters()))
-    assert engine.stats["steps_run"] <= 3 + 2  # steps 0..2 plus the re-run of step 1
+    assert engine.stats["steps_run"] == 3  # steps 0..2, each once
     assert [g for g, _ in log] == [0, 2]
     log.clear()
     value = engine.evaluate(z)
@@ -216,5 +246,5 @@ print(raised(lambda: ext.Engine(adapter.step, lambda g, f, n: f.sum(), [0, 1], [
     assert run.stdout.splitlines() == [
         "ValueError: group_bounds must run from 0 to the latent frame count 5",
         "ValueError: group_bounds must run from 0 to the latent frame count 5",
-        "ValueError: schedule must be 'sliding' or 'chunked', got 'zigzag'",
+        "ValueError: schedule must be 'sliding', 'chunked' or 'sliding_recompute', got 'zigzag'",
     ], run.stdout

@@ -123,7 +123,8 @@ def build_parser() -> _Parser:
     b.add_argument("--d-trunc", dest="d_truncs", type=_nonneg_int, nargs="+",
                    help=f"truncation distances of chopgrad's methods (default: {_grid(FULL_D_TRUNCS)}; with "
                         f"--quick: {_grid(QUICK_D_TRUNCS)})")
-    b.add_argument("--schedules", nargs="+", choices=("sliding", "chunked"), default=["sliding", "chunked"],
+    b.add_argument("--schedules", nargs="+", choices=("sliding", "chunked", "sliding_recompute"),
+                   default=["sliding", "chunked"],
                    help="chopgrad schedules to measure")
     b.add_argument("--baselines", nargs="*", choices=("full", "checkpoint"), default=["full", "checkpoint"],
                    help="baseline methods; full backprop is the fidelity reference (give none to skip them)")

@@ -81,7 +81,8 @@ std::vector<at::Tensor> oracle(Problem& p, int64_t d, chopgrad::Schedule schedul
   for (auto& w : params) grads.push_back(torch::zeros_like(w));
   for (int64_t g = 0; g < p.steps; ++g) {
     int64_t start = 0;
-    if (d >= 0) start = schedule == chopgrad::Schedule::kSliding ? std::max<int64_t>(0, g - d) : g - g % (d + 1);
+    const bool sliding = schedule != chopgrad::Schedule::kChunked;
+    if (d >= 0) start = sliding ? std::max<int64_t>(0, g - d) : g - g % (d + 1);
     at::Tensor cache;
     {
       torch::NoGradGuard ng;
@@ -138,8 +139,11 @@ int main() {
     inputs.insert(inputs.end(), params.begin(), params.end());
     full = torch::autograd::grad({loss}, inputs);
   }
-  for (auto schedule : {chopgrad::Schedule::kSliding, chopgrad::Schedule::kChunked}) {
-    const std::string name = schedule == chopgrad::Schedule::kSliding ? "sliding" : "chunked";
+  for (auto schedule : {chopgrad::Schedule::kSliding, chopgrad::Schedule::kChunked,
+                        chopgrad::Schedule::kSlidingRecompute}) {
+    const std::string name = schedule == chopgrad::Schedule::kSliding   ? "sliding"
+                             : schedule == chopgrad::Schedule::kChunked ? "chunked"
+                                                                        : "sliding_recompute";
     for (int64_t d : {-1, 6}) {
       double value;
       chopgrad::RunStats stats;
@@ -160,7 +164,7 @@ int main() {
       check(std::abs(value - full_value) <= 1e-5 * std::abs(full_value), tag + " forward value unchanged");
       check(worst <= 1e-5, tag + " truncated gradient vs detach oracle (rel err " + std::to_string(worst) + ")");
       check(rel_err(grads[0], full[0]) > 1e-4, tag + " truncation changes the gradient");
-      const int64_t max_states = schedule == chopgrad::Schedule::kSliding ? d + 1 : 1;
+      const int64_t max_states = schedule == chopgrad::Schedule::kSlidingRecompute ? d + 1 : 1;
       check(stats.max_states_held <= max_states, tag + " state buffer bounded");
       check(stats.max_steps_in_graph == d + 1, tag + " at most d+1 steps in a graph");
     }

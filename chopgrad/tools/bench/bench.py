@@ -76,8 +76,8 @@ class BenchSettings:
         out = [(b, None, "sliding") for b in self.baselines]
         for schedule in self.schedules:
             for d in self.d_truncs:
-                if d == 0 and schedule == "chunked" and "sliding" in self.schedules:
-                    continue  # d_trunc=0: both schedules are the same computation
+                if d == 0 and schedule != "sliding" and "sliding" in self.schedules:
+                    continue  # d_trunc=0: every schedule is the same computation
                 out.append(("pixel_loss", d, schedule))
         return out
 
