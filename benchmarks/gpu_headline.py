@@ -38,16 +38,16 @@ TINY_SIZES = ((5, 16, 24), (5, 24, 16))
 #: targets for chopgrad d_trunc=1 (either schedule), in GB (10^9 bytes)
 TARGET_GB = {(81, 480, 832): 16, (49, 720, 1280): 40}
 
-#: (label, worker settings), most important first within a size
+#: (label, worker settings), most important first within a size; "lean": chopgrad's fused decoder ops
 ROWS = (
     ("chopgrad sliding d=1, lean", {"method": "pixel_loss", "d_trunc": 1, "schedule": "sliding", "lean": True}),
     ("chopgrad chunked d=1, lean", {"method": "pixel_loss", "d_trunc": 1, "schedule": "chunked", "lean": True}),
-    ("chopgrad sliding d=1", {"method": "pixel_loss", "d_trunc": 1, "schedule": "sliding"}),
-    ("chopgrad chunked d=1", {"method": "pixel_loss", "d_trunc": 1, "schedule": "chunked"}),
+    ("chopgrad sliding d=1", {"method": "pixel_loss", "d_trunc": 1, "schedule": "sliding", "lean": False}),
+    ("chopgrad chunked d=1", {"method": "pixel_loss", "d_trunc": 1, "schedule": "chunked", "lean": False}),
     ("chopgrad d=0, lean", {"method": "pixel_loss", "d_trunc": 0, "schedule": "sliding", "lean": True}),
-    ("chopgrad d=0", {"method": "pixel_loss", "d_trunc": 0, "schedule": "sliding"}),
-    ("checkpointed (per step)", {"method": "checkpoint"}),
-    ("full backprop", {"method": "full"}),
+    ("chopgrad d=0", {"method": "pixel_loss", "d_trunc": 0, "schedule": "sliding", "lean": False}),
+    ("checkpointed (per step)", {"method": "checkpoint", "lean": False}),
+    ("full backprop", {"method": "full", "lean": False}),
 )
 
 

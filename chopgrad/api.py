@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+from contextlib import nullcontext
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from . import _ext
 from .adapters import DecodePlan, DecoderAdapter, wrap
 from .adapters.base import layerwise_cast_trainable_parameters
+from .adapters.wan_patch import lean_decoder
 from .decoder_steps import ReplayedRandomness, engine_step
 from .frames import FrameInput, FrameSource, optional_source
 from .losses import LossSpec, resolve_loss
@@ -83,6 +85,7 @@ def pixel_loss(
     reduction: str = "mean",
     groups: Optional[Iterable[int]] = None,
     clamp: bool = True,
+    lean: bool = True,
 ) -> torch.Tensor:
     """Pixel-space loss of the decoded video with a truncated gradient through the decoder cache.
 
@@ -117,6 +120,11 @@ def pixel_loss(
             integer array/tensor. Decoding stops after the last supervised
             step; unsupervised steps only advance the state.
         clamp: apply the model's own output clamp (and its zero gradient where saturated).
+        lean: run a Wan decoder on chopgrad's fused ops for this call (about
+            half the saved activations of a decoder step; see chopgrad.patch),
+            leaving the model exactly as it was afterwards, also after an
+            error. A model patched by the user keeps its patch. False runs the
+            model's own modules. Other models are not affected.
 
     Gradients reach the latents and decoder parameters only: a target or mask
     that requires grad is an error, and so is a callable loss whose value has
@@ -134,6 +142,8 @@ def pixel_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(clamp, bool):
         raise TypeError(f"clamp must be a bool, got {clamp!r}")
+    if not isinstance(lean, bool):
+        raise TypeError(f"lean must be a bool, got {lean!r}")
     terms = resolve_loss(loss)
     adapter, plan = _prepare(vae_or_decoder, latents)
     # A distance reaching before step 0 truncates nothing; clipping keeps it in the engine's int64.
@@ -156,9 +166,11 @@ def pixel_loss(
         step=engine_step(adapter, plan, replay), loss=video_loss, group_bounds=list(plan.group_bounds),
         supervised=supervised, d_trunc=d, schedule=schedule, initial_state=adapter.initial_state(),
         time_dim=LATENT_TIME_DIM)
-    if wants_grad:
-        return engine.loss(latents, adapter.parameters())
-    return engine.evaluate(latents)
+    # The gradient is computed inside the engine's forward, so the fused ops are needed only during this call.
+    with lean_decoder(adapter.model) if lean else nullcontext():
+        if wants_grad:
+            return engine.loss(latents, adapter.parameters())
+        return engine.evaluate(latents)
 
 
 def decode(
@@ -167,6 +179,7 @@ def decode(
     *,
     clamp: bool = True,
     callback: Optional[Callable[[slice, torch.Tensor], None]] = None,
+    lean: bool = True,
 ) -> Optional[torch.Tensor]:
     """Decodes `latents` step by step without building a graph; equals the model's own decode.
 
@@ -174,11 +187,15 @@ def decode(
     frames are written into one preallocated (B, C, F, H, W) video that is
     returned; with `callback(frame_slice, frames)` each step's frames are
     handed over as they are made and nothing is returned (streaming).
+    `lean` runs a Wan decoder on chopgrad's fused ops for this call, as in
+    `pixel_loss`.
     """
+    if not isinstance(lean, bool):
+        raise TypeError(f"lean must be a bool, got {lean!r}")
     adapter, plan = _prepare(vae_or_decoder, latents)
     step = engine_step(adapter, plan)
     video = None
-    with torch.no_grad():
+    with torch.no_grad(), lean_decoder(adapter.model) if lean else nullcontext():
         state = adapter.initial_state()
         for g in range(plan.num_steps):
             z = latents[:, :, plan.group_bounds[g]:plan.group_bounds[g + 1]]

@@ -48,6 +48,7 @@ Patching twice is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -624,3 +625,33 @@ def patched_modules(model: nn.Module) -> list[str]:
     wan = _wan_classes()
     decoder = _find_decoder(wan, model)
     return [name or _DECODER for name, m in decoder.named_modules() if _MARK in m.__dict__]
+
+
+@contextlib.contextmanager
+def lean_decoder(model: Any):
+    """Within the block, ``model``'s Wan decoder runs on the fused ops; afterwards it is exactly as before.
+
+    Yields whether the fused ops are in use. A model that is not a Wan VAE (or decoder) is left alone, and so
+    is one the user patched already (their patch, and its ``recompute_conv_input``, stay). Modules that cannot
+    be fused are left out silently (``patch`` warns about them; ``patch_report`` lists them). The patch is
+    undone on leaving the block, also when the block raises.
+    """
+    if not isinstance(model, nn.Module):
+        yield False
+        return
+    wan = _wan_classes()
+    try:
+        decoder = _find_decoder(wan, model)
+    except TypeError:
+        yield False
+        return
+    if any(_MARK in m.__dict__ for m in decoder.modules()):
+        yield True
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchWarning)
+        patch(model)
+    try:
+        yield bool(_report(wan, decoder).patched)
+    finally:
+        unpatch(model)

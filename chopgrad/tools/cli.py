@@ -128,6 +128,9 @@ def build_parser() -> _Parser:
                    help="chopgrad schedules to measure")
     b.add_argument("--baselines", nargs="*", choices=("full", "checkpoint"), default=["full", "checkpoint"],
                    help="baseline methods; full backprop is the fidelity reference (give none to skip them)")
+    b.add_argument("--unfused", action="store_true",
+                   help="also measure every chopgrad method with lean=False (the model's own modules instead of "
+                        "the fused decoder ops that pixel_loss uses by default)")
     b.add_argument("--repeats", type=_positive_int, default=3,
                    help="timed steps per configuration after the memory-measured step (run with glibc's usual "
                    "allocator thresholds, unlike the memory step); their median is reported")
@@ -276,7 +279,8 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(
         model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, frames=args.frames,
         sizes=args.sizes, d_truncs=args.d_truncs, schedules=tuple(args.schedules),
-        baselines=tuple(args.baselines), repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        baselines=tuple(args.baselines), unfused=args.unfused, repeats=args.repeats, warmup=args.warmup,
+        threads=args.threads,
         memory_budget_bytes=int(args.memory_budget * 2**30) if args.memory_budget else None, timeout_s=args.timeout)
     _check_shapes(_load_model(settings.model), settings.frames, settings.sizes, size_option="--sizes")
     measured: list[dict] = []

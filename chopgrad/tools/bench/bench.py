@@ -56,6 +56,7 @@ class BenchSettings:
     timeout_s: float = 1800.0
     seed: int = 0
     threads: Optional[int] = None  # CPU threads per worker; None: the cores not busy with other processes
+    unfused: bool = False  # also measure each chopgrad method with lean=False (the model's own modules)
 
     def __post_init__(self):
         if self.frames is None:
@@ -72,13 +73,15 @@ class BenchSettings:
             self.threads = default_threads()
 
     def methods(self):
-        """(method, d_trunc, schedule) triples, baselines first."""
-        out = [(b, None, "sliding") for b in self.baselines]
+        """(method, d_trunc, schedule, lean) tuples, baselines first; chopgrad's run lean (its default)."""
+        out = [(b, None, "sliding", False) for b in self.baselines]
         for schedule in self.schedules:
             for d in self.d_truncs:
                 if d == 0 and schedule != "sliding" and "sliding" in self.schedules:
                     continue  # d_trunc=0: every schedule is the same computation
-                out.append(("pixel_loss", d, schedule))
+                out.append(("pixel_loss", d, schedule, True))
+                if self.unfused:
+                    out.append(("pixel_loss", d, schedule, False))
         return out
 
 
@@ -174,18 +177,18 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                     inputs = os.path.join(tmp, f"inputs_{size}_{frames}.pt")
                     torch.save({"latents": latents, "target": target}, inputs)
                     ref_grad = ref_loss = None
-                    for i, (method, d, schedule) in enumerate(methods):
-                        label = method_label(method, d, schedule)
+                    for i, (method, d, schedule, lean) in enumerate(methods):
+                        label = method_label(method, d, schedule, lean)
                         bar.set_description(f"{size}x{size} {frames:>3d}f {label}")
                         grad_path = os.path.join(tmp, f"grad_{size}_{frames}_{i}.pt")
                         config = dict(model=settings.model, device=settings.device, dtype=settings.dtype,
-                                      inputs=inputs, method=method, d_trunc=d, schedule=schedule,
+                                      inputs=inputs, method=method, d_trunc=d, schedule=schedule, lean=lean,
                                       repeats=settings.repeats, warmup=settings.warmup, save_grad=grad_path)
                         t0 = time.monotonic()
                         m = run_isolated(config, memory_budget_bytes=settings.memory_budget_bytes,
                                          timeout_s=settings.timeout_s)
                         row = dict(size=size, frames=frames, method=method, d_trunc=d, schedule=schedule,
-                                   label=label, status=m.status, detail=m.detail, wall_s=time.monotonic() - t0,
+                                   lean=lean, label=label, status=m.status, detail=m.detail, wall_s=time.monotonic() - t0,
                                    peak_bytes=None, time_s=None, frames_per_s=None, cosine=None, rel_error=None)
                         if m.ok:
                             row.update(peak_bytes=m.result.get("peak_bytes"), time_s=m.result.get("time_s"),

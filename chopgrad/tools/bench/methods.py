@@ -6,7 +6,7 @@
   mutates its cache list and counter, so recomputation sees another state;
   here the state is an explicit input and output of the checkpointed
   function (chopgrad's pure adapter step), so recomputation is exact.
-- "pixel_loss": chopgrad's truncated backprop (schedule, d_trunc).
+- "pixel_loss": chopgrad's truncated backprop (schedule, d_trunc), on the fused decoder ops unless lean=False.
 """
 from __future__ import annotations
 
@@ -50,17 +50,19 @@ def checkpointed_loss(vae_or_adapter, latents: torch.Tensor, target: torch.Tenso
     return sum(errors, latents.new_zeros((), dtype=torch.float32)) / target.numel()
 
 
-def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding") -> Callable:
+def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding", lean: bool = True) -> Callable:
+    """The step's loss; `lean` is pixel_loss's (the baselines run the model as it is)."""
     if method == "full":
         return full_backprop_loss
     if method == "checkpoint":
         return checkpointed_loss
     if method == "pixel_loss":
-        return lambda vae, z, target: pixel_loss(vae, z, target, loss="mse", d_trunc=d_trunc, schedule=schedule)
+        return lambda vae, z, target: pixel_loss(vae, z, target, loss="mse", d_trunc=d_trunc, schedule=schedule,
+                                                 lean=lean)
     raise ValueError(f"method must be 'full', 'checkpoint' or 'pixel_loss', got {method!r}")
 
 
-def method_label(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding") -> str:
+def method_label(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding", lean: bool = True) -> str:
     if method == "pixel_loss":
-        return f"chopgrad {schedule} d={d_trunc}"
+        return f"chopgrad {schedule} d={d_trunc}" + ("" if lean else " unfused")
     return {"full": "full backprop", "checkpoint": "checkpointed (per step)"}[method]

@@ -2,8 +2,9 @@
 
 Config keys: model, device, dtype, inputs (path of a torch.save'd
 {"latents", "target"}), method, d_trunc, schedule, repeats, warmup,
-save_grad (optional path for the latent gradient), lean (optional: run with
-chopgrad.patch's fused decoder ops).
+save_grad (optional path for the latent gradient), lean (the fused decoder
+ops: pixel_loss's `lean` argument, default True; for the baselines, default
+False, True patches the model with chopgrad.patch).
 
 Before anything is measured the worker runs one step of the same method on
 the first three latent frames (see ``warm_up_code_paths``), then ``warmup``
@@ -44,14 +45,16 @@ def main(argv=None) -> int:
     dtype = DTYPES[config.get("dtype", "fp32")]
     vae = load_model(config["model"], device=device, dtype=dtype)
     vae.requires_grad_(False)  # the step trains the upstream latents, as in a diffusion fine-tune
-    if config.get("lean"):
+    method = config["method"]
+    lean = bool(config.get("lean", method == "pixel_loss"))
+    if lean and method != "pixel_loss":  # a baseline on the fused ops: patch the model for the whole run
         from chopgrad import patch
 
         patch(vae)
     inputs = torch.load(config["inputs"])
     latents = inputs["latents"].to(device=device, dtype=dtype)
     target = inputs["target"].to(device=device, dtype=dtype)
-    step_loss = loss_fn(config["method"], config.get("d_trunc"), config.get("schedule", "sliding"))
+    step_loss = loss_fn(method, config.get("d_trunc"), config.get("schedule", "sliding"), lean=lean)
 
     def train_step():
         z = latents.clone().requires_grad_(True)
