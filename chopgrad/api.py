@@ -109,8 +109,8 @@ def pixel_loss(
             once and the loss of step g is backpropagated through steps
             g-d_trunc .. g one step at a time), "sliding_recompute" (the same
             gradient by re-running those steps: (d_trunc+1)x compute, a little
-            less memory at d_trunc >= 2) or "chunked" (1x compute, truncation
-            distance 0..d_trunc).
+            less memory with lean=False at d_trunc >= 2) or "chunked" (1x
+            compute, truncation distance 0..d_trunc).
         mask: optional (B, 1 or C, F, H, W) weights (tensor or callable like
             target), finite and >= 0. An all-zero mask supervises no pixel:
             the elementwise terms are 0 with zero gradient (not 0/0), and
