@@ -35,7 +35,8 @@ def test_cli_run_writes_every_output(tmp_path, task, capsys):
     assert [e["step"] for e in record["evals"]] == [0, 2, 3]
     assert all(set(e) >= {"psnr", "ssim", "temporal_error"} for e in record["evals"])
     summary = record["summary"]
-    assert summary["peak_step_bytes"] > 0 and summary["time_per_step_s"] > 0 and summary["steps_done"] == 3
+    # on the CPU the peak is resident-memory growth: 0 when the allocator reuses memory freed earlier in the process
+    assert summary["peak_step_bytes"] >= 0 and summary["time_per_step_s"] > 0 and summary["steps_done"] == 3
     assert "reconstruction" in summary
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 1 + 4  # steps 0 (eval only) .. 3

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     method = config["method"]
     lean = bool(config.get("lean", method == "pixel_loss"))
     if lean and method != "pixel_loss":  # a baseline on the fused ops: patch the model for the whole run
-        from chopgrad import patch
+        from chopgrad.adapters.wan_patch import patch
 
         patch(vae)
     inputs = torch.load(config["inputs"])

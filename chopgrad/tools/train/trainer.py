@@ -11,7 +11,9 @@ A run writes into its output folder:
 - ``decoder/``: with ``train_decoder``, the fine-tuned VAE as a diffusers folder (``from_pretrained`` loads it).
 
 Peak memory per step is the growth above the step's start: CUDA's allocator peak, or on the CPU the
-process's peak resident memory (see chopgrad.tools.bench.memory).
+process's peak resident memory (see chopgrad.tools.bench.memory). On the CPU that growth is what the process
+pays, so it reads low (even 0) where the allocator reuses memory freed earlier; `--compare` runs each method in
+a fresh process with large blocks taken from mmap, where it follows live memory.
 """
 from __future__ import annotations
 
