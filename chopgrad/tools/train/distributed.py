@@ -43,20 +43,19 @@ class Ranks:
             p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
+    def _reduce(self, value: float, device, op) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        return float(t)
+
     def mean(self, value: float, device) -> float:
         """The mean of a float over the ranks."""
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return float(t) / self.world
+        return self._reduce(value, device, dist.ReduceOp.SUM) / self.world
 
     def max(self, value: float, device) -> float:
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+        return self._reduce(value, device, dist.ReduceOp.MAX)
 
     def barrier(self) -> None:
         if self.active:

@@ -288,7 +288,7 @@ class Run:
             summary.update(time_per_step_s=statistics.median(times),
                            peak_step_bytes=max(r["peak_bytes"] for r in steps))
         if self.record["evals"]:
-            summary["final_eval"] = {k: v for k, v in self.record["evals"][-1].items()}
+            summary["final_eval"] = dict(self.record["evals"][-1])
         if self.device.type == "cuda":
             summary["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return summary
