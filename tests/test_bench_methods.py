@@ -66,3 +66,44 @@ def test_worker_warms_up_on_a_prefix_then_measures_and_times_full_steps(tmp_path
     assert [t for t, _ in calls] == [3] + [latents.shape[2]] * 4  # prefix, memory step, 3 timed steps
     assert len(out["times_s"]) == 3 and out["time_s"] == sorted(out["times_s"])[1]
     assert out["memory_step_s"] > 0 and out["timed_with_usual_allocator"] is True
+
+
+def test_timing_runs_all_methods_in_one_process_interleaved_in_rotating_order(tmp_path, monkeypatch, capsys):
+    """Each method first runs its 3-latent-frame warm-up, then the settle rounds, then the timed rounds,
+    one step of each method per round, the order rotating by one per round; a lean baseline's steps run on
+    the patched model and leave it unpatched afterwards."""
+    import json
+
+    import chopgrad.tools.bench.methods as methods
+    from chopgrad.adapters.wan_patch import patch_report
+    from chopgrad.tools.bench import timing
+    from chopgrad.tools.bench.workloads import load_model, make_inputs
+
+    vae = load_model("tiny-wan21")
+    latents, target = make_inputs(vae, 9, 16, 16)
+    torch.save({"latents": latents, "target": target}, tmp_path / "inputs.pt")
+    calls = []
+
+    def recording(name):
+        def loss(vae, z, target):
+            calls.append((name, z.shape[2], bool(patch_report(vae).patched)))
+            return full_backprop_loss(vae, z, target)
+        return loss
+
+    monkeypatch.setattr(methods, "loss_fn", lambda method, d, schedule, lean: recording(f"{method}/{lean}"))
+    config = {"model": "tiny-wan21", "inputs": str(tmp_path / "inputs.pt"), "rounds": 3, "settle_rounds": 1,
+              "methods": [["full", None, "sliding", False], ["full", None, "sliding", True],
+                          ["pixel_loss", 1, "chunked", None]]}
+    assert timing.main([json.dumps(config)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    a, b, c = "full/False", "full/True", "pixel_loss/True"
+    full_t = latents.shape[2]
+    assert [(n, t) for n, t, _ in calls] == [(a, 3), (b, 3), (c, 3)] + [(n, full_t) for n in (
+        a, b, c,  # settle round
+        a, b, c, b, c, a, c, a, b)]  # timed rounds, rotated
+    assert all(patched == (n == b) for n, _, patched in calls)
+    assert out["status"] == "ok" and out["methods"][2] == ["pixel_loss", 1, "chunked", None]
+    for result in out["results"]:
+        assert len(result["times_s"]) == 3 and result["time_s"] == sorted(result["times_s"])[1]
+        assert result["frames_per_s"] == pytest.approx(target.shape[2] / result["time_s"])

@@ -132,10 +132,12 @@ def build_parser() -> _Parser:
                    help="also measure every chopgrad method with lean=False (the model's own modules instead of "
                         "the fused decoder ops that pixel_loss uses by default)")
     b.add_argument("--repeats", type=_positive_int, default=3,
-                   help="timed steps per configuration after the memory-measured step (run with glibc's usual "
-                   "allocator thresholds, unlike the memory step); their median is reported")
+                   help="timed rounds per clip and size: all methods that fit in memory run in one process, "
+                   "interleaved (one step of each per round, in rotating order, with glibc's usual allocator "
+                   "thresholds); each method's median is reported")
     b.add_argument("--warmup", type=_nonneg_int, default=0,
-                   help="untimed full steps before the measured one (a short step on the first 3 latent frames "
+                   help="untimed full steps before the memory-measured one, and untimed rounds before the timed "
+                   "ones in addition to the one that always runs (a short step on the first 3 latent frames "
                    "always runs first, so one-time library and cache costs are not counted)")
     b.add_argument("--memory-budget", type=_positive_float, metavar="GIB",
                    help="a configuration whose peak (RSS on CPU, allocator on CUDA) exceeds this many GiB is "

@@ -1,5 +1,8 @@
 """`chopgrad bench`: one pixel-loss training step (decode + MSE + backward to the
-latents) per method, side by side, each configuration in a fresh subprocess.
+latents) per method, side by side. Peak memory and gradients come from each
+configuration in a fresh subprocess; times from one process per clip and
+size that runs all its methods interleaved (``timing.py``), since times from
+separate processes at different moments are not comparable on a shared CPU.
 
     from chopgrad.tools.bench.bench import BenchSettings, run_bench, write_outputs
     rows = run_bench(BenchSettings(quick=True))
@@ -176,6 +179,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                                                   encode=is_trained(settings.model))
                     inputs = os.path.join(tmp, f"inputs_{size}_{frames}.pt")
                     torch.save({"latents": latents, "target": target}, inputs)
+                    workload = []
                     ref_grad = ref_loss = None
                     for i, (method, d, schedule, lean) in enumerate(methods):
                         label = method_label(method, d, schedule, lean)
@@ -183,7 +187,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                         grad_path = os.path.join(tmp, f"grad_{size}_{frames}_{i}.pt")
                         config = dict(model=settings.model, device=settings.device, dtype=settings.dtype,
                                       inputs=inputs, method=method, d_trunc=d, schedule=schedule, lean=lean,
-                                      repeats=settings.repeats, warmup=settings.warmup, save_grad=grad_path)
+                                      repeats=0, warmup=settings.warmup, save_grad=grad_path)
                         t0 = time.monotonic()
                         m = run_isolated(config, memory_budget_bytes=settings.memory_budget_bytes,
                                          timeout_s=settings.timeout_s)
@@ -191,9 +195,9 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                                    lean=lean, label=label, status=m.status, detail=m.detail, wall_s=time.monotonic() - t0,
                                    peak_bytes=None, time_s=None, frames_per_s=None, cosine=None, rel_error=None)
                         if m.ok:
-                            row.update(peak_bytes=m.result.get("peak_bytes"), time_s=m.result.get("time_s"),
-                                       frames_per_s=m.result.get("frames_per_s"), loss=m.result.get("loss"),
-                                       times_s=m.result.get("times_s"), device_name=m.result.get("device_name"))
+                            row.update(peak_bytes=m.result.get("peak_bytes"), loss=m.result.get("loss"),
+                                       memory_step_s=m.result.get("memory_step_s"),
+                                       device_name=m.result.get("device_name"))
                             if os.path.exists(grad_path):
                                 grad = torch.load(grad_path)
                                 os.remove(grad_path)
@@ -202,13 +206,40 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                                 if ref_grad is not None:
                                     row["cosine"], row["rel_error"] = gradient_fidelity(grad, ref_grad)
                                     _check_same_loss(row, ref_loss)
-                        rows.append(row)
-                        if log is not None:
-                            log(row)
+                        workload.append(row)
                         bar.update(1)
+                    bar.set_description(f"{size}x{size} {frames:>3d}f timing side by side")
+                    time_side_by_side(workload, settings, inputs)
+                    rows.extend(workload)
+                    if log is not None:
+                        for row in workload:
+                            log(row)
     finally:
         bar.close()
     return rows
+
+
+def time_side_by_side(workload: list[dict], settings: BenchSettings, inputs: str) -> None:
+    """Fills the time columns of one workload's rows from one interleaved timing process.
+
+    Only methods whose memory run succeeded are timed (one that ran out of memory alone would again).
+    A failed timing run leaves the times empty and says why in each row's detail.
+    """
+    rows = [r for r in workload if r["status"] == "ok"]
+    if not rows or settings.repeats < 1:
+        return
+    config = dict(model=settings.model, device=settings.device, dtype=settings.dtype, inputs=inputs,
+                  methods=[[r["method"], r["d_trunc"], r["schedule"], r["lean"]] for r in rows],
+                  rounds=settings.repeats, settle_rounds=1 + settings.warmup)
+    m = run_isolated(config, memory_budget_bytes=settings.memory_budget_bytes,
+                     timeout_s=settings.timeout_s * len(rows), module="chopgrad.tools.bench.timing",
+                     rss_follows_live_memory=False)
+    if not m.ok:
+        for r in rows:
+            r["detail"] = (r["detail"] + "; " if r["detail"] else "") + f"timing run {m.status}: {m.detail}"
+        return
+    for r, timed in zip(rows, m.result["results"]):
+        r.update(timed)
 
 
 # ----------------------------------------------------------------------------- reporting

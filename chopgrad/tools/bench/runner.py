@@ -42,12 +42,16 @@ def _rss_bytes(pid: int) -> int:
 
 
 def run_isolated(config: dict, *, memory_budget_bytes: Optional[int] = None, timeout_s: float = 1800,
-                 module: str = "chopgrad.tools.bench.worker") -> Measurement:
-    """Runs `config` in a fresh interpreter; returns its JSON result or the failure mode."""
+                 module: str = "chopgrad.tools.bench.worker", rss_follows_live_memory: bool = True) -> Measurement:
+    """Runs `config` in a fresh interpreter; returns its JSON result or the failure mode.
+
+    With `rss_follows_live_memory` (for peak-RSS measurements), large CPU allocations go straight to mmap
+    and back to the OS when freed, so resident memory follows live tensors instead of glibc's free lists;
+    without it the child keeps the allocator settings of this environment (for timings).
+    """
     env = dict(os.environ)
-    # Large CPU allocations go straight to mmap and back to the OS when freed,
-    # so resident memory follows live tensors instead of glibc's free lists.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    if rss_follows_live_memory:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     if memory_budget_bytes is not None:
         env["CHOPGRAD_MEMORY_BUDGET"] = str(int(memory_budget_bytes))  # CUDA workers cap themselves
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:

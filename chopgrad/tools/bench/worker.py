@@ -25,12 +25,10 @@ import sys
 import time
 
 
-def main(argv=None) -> int:
-    config = json.loads((argv or sys.argv[1:])[0])
+def load_workload(config: dict):
+    """(vae, device, latents, target) of a worker config; the model's weights are frozen."""
     import torch
 
-    from chopgrad.tools.bench.memory import PeakMemory
-    from chopgrad.tools.bench.methods import loss_fn
     from chopgrad.tools.bench.workloads import DTYPES, load_model
 
     device = torch.device(config.get("device", "cpu"))
@@ -45,48 +43,72 @@ def main(argv=None) -> int:
     dtype = DTYPES[config.get("dtype", "fp32")]
     vae = load_model(config["model"], device=device, dtype=dtype)
     vae.requires_grad_(False)  # the step trains the upstream latents, as in a diffusion fine-tune
+    inputs = torch.load(config["inputs"])
+    return vae, device, inputs["latents"].to(device=device, dtype=dtype), inputs["target"].to(device=device, dtype=dtype)
+
+
+def uses_lean(method: str, lean) -> bool:
+    """The configured `lean`, or its default: pixel_loss's own (True), the baselines as they are (False)."""
+    return bool(method == "pixel_loss" if lean is None else lean)
+
+
+def training_step(vae, latents, target, step_loss):
+    """One step: the loss of fresh leaf latents and its backward; returns (loss value, latent gradient)."""
+    z = latents.clone().requires_grad_(True)
+    loss = step_loss(vae, z, target)
+    loss.backward()
+    return float(loss.detach()), z.grad
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up_code_paths(vae, latents, step_loss) -> None:
+    """One step on the first three latent frames against the model's own decode.
+
+    The first call into each kernel maps library code pages and fills lazy
+    caches: tens of MiB of RSS that differ between installs of the same
+    packages and do not belong to the method. Its target is the model's own
+    decode, so this works for any VAE.
+    """
+    import torch
+
+    prefix = latents[:, :, : min(3, latents.shape[2])]
+    with torch.no_grad():
+        prefix_target = vae.decode(prefix).sample
+    z = prefix.clone().requires_grad_(True)
+    step_loss(vae, z, prefix_target).backward()
+
+
+def main(argv=None) -> int:
+    config = json.loads((argv or sys.argv[1:])[0])
+    import torch
+
+    from chopgrad.tools.bench.memory import PeakMemory
+    from chopgrad.tools.bench.methods import loss_fn
+
+    vae, device, latents, target = load_workload(config)
     method = config["method"]
-    lean = bool(config.get("lean", method == "pixel_loss"))
+    lean = uses_lean(method, config.get("lean"))
     if lean and method != "pixel_loss":  # a baseline on the fused ops: patch the model for the whole run
         from chopgrad.adapters.wan_patch import patch
 
         patch(vae)
-    inputs = torch.load(config["inputs"])
-    latents = inputs["latents"].to(device=device, dtype=dtype)
-    target = inputs["target"].to(device=device, dtype=dtype)
     step_loss = loss_fn(method, config.get("d_trunc"), config.get("schedule", "sliding"), lean=lean)
 
-    def train_step():
-        z = latents.clone().requires_grad_(True)
-        loss = step_loss(vae, z, target)
-        loss.backward()
-        return float(loss.detach()), z.grad
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def warm_up_code_paths():
-        # The first call into each kernel maps library code pages and fills lazy
-        # caches: tens of MiB of RSS that differ between installs of the same
-        # packages and do not belong to the method. One step on the first few
-        # latent frames pays for them before the peak is reset; its target is
-        # the model's own decode, so this works for any VAE.
-        prefix = latents[:, :, : min(3, latents.shape[2])]
-        with torch.no_grad():
-            prefix_target = vae.decode(prefix).sample
-        z = prefix.clone().requires_grad_(True)
-        step_loss(vae, z, prefix_target).backward()
-
     try:
-        warm_up_code_paths()
+        warm_up_code_paths(vae, latents, step_loss)
         for _ in range(int(config.get("warmup", 0))):
-            train_step()
+            training_step(vae, latents, target, step_loss)
         with PeakMemory(device) as mem:
-            sync()
+            synchronize(device)
             t0 = time.perf_counter()
-            value, grad = train_step()
-            sync()
+            value, grad = training_step(vae, latents, target, step_loss)
+            synchronize(device)
             memory_step_s = time.perf_counter() - t0
         # The peak was measured with a 64 KiB mmap threshold (set by the runner)
         # so that RSS follows live memory; that makes every large allocation
@@ -95,10 +117,10 @@ def main(argv=None) -> int:
         usual_allocator = use_usual_allocator_thresholds()
         times = []
         for _ in range(int(config.get("repeats", 1))):
-            sync()
+            synchronize(device)
             t0 = time.perf_counter()
-            train_step()
-            sync()
+            training_step(vae, latents, target, step_loss)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as exc:
         print(json.dumps({"status": "oom", "detail": str(exc).splitlines()[0]}))
