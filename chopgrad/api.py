@@ -10,6 +10,7 @@ import torch
 from . import _ext
 from .adapters import DecodePlan, DecoderAdapter, wrap
 from .adapters.base import layerwise_cast_trainable_parameters
+from .adapters.tiling import TILE_GRADS, supports_exact_tiling, tiled
 from .adapters.wan_patch import lean_decoder
 from .decoder_steps import ReplayedRandomness, engine_step
 from .frames import FrameInput, FrameSource, optional_source
@@ -63,6 +64,70 @@ def _supervised_steps(groups: Optional[Iterable[int]], num_steps: int) -> list[b
     return mask
 
 
+def _check_tile_size(value, what: str, stride: int, *, allow_zero: bool = False) -> tuple[int, int]:
+    pair = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(f"{what} must be an int or an (h, w) pair of ints, got {value!r}")
+    out = tuple(_as_index(v, f"{what} (an int or an (h, w) pair of ints, in decoded pixels)") for v in pair)
+    lowest = 0 if allow_zero else stride
+    for v in out:
+        if v < lowest or v % stride:
+            kind = "a non-negative" if allow_zero else "a positive"
+            raise ValueError(f"{what} must be {kind} multiple of the decoder's spatial stride ({stride} decoded "
+                             f"pixels per latent pixel), got {value!r}")
+    return out
+
+
+def _with_tiling(adapter: DecoderAdapter, plan: DecodePlan, latents: torch.Tensor, tile, tile_grad: str,
+                 tile_halo) -> DecoderAdapter:
+    """The adapter with a tiled backward, after checking the tiling arguments (before any decoding)."""
+    if tile_grad not in TILE_GRADS:
+        raise ValueError(f"tile_grad must be one of {TILE_GRADS}, got {tile_grad!r}")
+    if tile is None:
+        if tile_halo is not None:
+            raise ValueError("tile_halo is given but tile is None: tile_halo is the crop widening of "
+                             "tile_grad='truncated', give tile too")
+        return adapter
+    stride = plan.height // latents.shape[-2]
+    size = _check_tile_size(tile, "tile", stride)
+    name = type(adapter.model).__name__ if adapter.model is not None else type(adapter).__name__
+    if tile_grad == "exact":
+        if tile_halo is not None:
+            raise ValueError("tile_halo only applies to tile_grad='truncated': exact tiling chooses the halos "
+                             "that make the gradient exact")
+        if not supports_exact_tiling(adapter):
+            raise ValueError(f"tile_grad='exact' needs a decoder whose step splits into spatially local stages "
+                             f"(diffusers AutoencoderKLWan, Wan 2.1 / 2.2); {name} is not one (for example, "
+                             f"CogVideoX's GroupNorm takes statistics over the whole frame): use "
+                             f"tile_grad='truncated' for its approximate tiled gradient, or tile=None")
+        _check_decoder_can_be_split(adapter.model, name)
+        halo = 0
+    else:
+        halo = _check_tile_size(stride if tile_halo is None else tile_halo, "tile_halo", stride, allow_zero=True)[0]
+    _check_no_active_dropout(adapter.model, name)
+    return tiled(adapter, size, tile_grad, stride, halo)
+
+
+def _check_decoder_can_be_split(model, name: str) -> None:
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        return
+    if decoder._forward_hooks or decoder._forward_pre_hooks or getattr(decoder, "_diffusers_hook", None) is not None \
+            or getattr(decoder, "_hf_hook", None) is not None:
+        raise ValueError(f"tile_grad='exact' runs the parts of {name}'s decoder one by one, so hooks on the decoder "
+                         f"module itself would not run: move them to its submodules, or use tile=None")
+
+
+def _check_no_active_dropout(model, name: str) -> None:
+    if model is None:
+        return
+    active = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.training and m.p > 0]
+    if active:
+        raise ValueError(f"tile: tiling recomputes decoder parts in backward, and {name} has active dropout "
+                         f"({active[0]!r}, p > 0 in train mode) that would draw other random numbers there: "
+                         f"call vae.eval() (or set the dropout to 0), or use tile=None")
+
+
 def _prepare(vae_or_decoder, latents) -> tuple[DecoderAdapter, DecodePlan]:
     adapter = wrap(vae_or_decoder)
     if isinstance(latents, torch.Tensor):
@@ -86,6 +151,9 @@ def pixel_loss(
     groups: Optional[Iterable[int]] = None,
     clamp: bool = True,
     lean: bool = True,
+    tile=None,
+    tile_grad: str = "exact",
+    tile_halo=None,
 ) -> torch.Tensor:
     """Pixel-space loss of the decoded video with a truncated gradient through the decoder cache.
 
@@ -125,6 +193,17 @@ def pixel_loss(
             leaving the model exactly as it was afterwards, also after an
             error. A model patched by the user keeps its patch. False runs the
             model's own modules. Other models are not affected.
+        tile: bound a decoder step's backward memory by a spatial tile: the
+            tile size in decoded pixels, an int or (h, w), a multiple of the
+            decoder's spatial stride (a tile larger than the frame is one
+            tile). None (default) does not tile. The loss value is unchanged.
+        tile_grad: "exact" (Wan 2.1 / 2.2: the spatially local stages are
+            recomputed tile by tile with halos covering their receptive
+            field, so the gradient equals the untiled one) or "truncated"
+            (any model: each tile backpropagates through its own crop of the
+            latents and state, widened by tile_halo; an approximation).
+        tile_halo: the crop widening of tile_grad="truncated", in decoded
+            pixels, a multiple of the spatial stride (default: one stride).
 
     Gradients reach the latents and decoder parameters only: a target or mask
     that requires grad is an error, and so is a callable loss whose value has
@@ -146,6 +225,7 @@ def pixel_loss(
         raise TypeError(f"lean must be a bool, got {lean!r}")
     terms = resolve_loss(loss)
     adapter, plan = _prepare(vae_or_decoder, latents)
+    adapter = _with_tiling(adapter, plan, latents, tile, tile_grad, tile_halo)
     # A distance reaching before step 0 truncates nothing; clipping keeps it in the engine's int64.
     d = min(d, plan.num_steps)
     supervised = _supervised_steps(groups, plan.num_steps)
