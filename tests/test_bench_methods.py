@@ -90,7 +90,7 @@ def test_timing_runs_all_methods_in_one_process_interleaved_in_rotating_order(tm
             return full_backprop_loss(vae, z, target)
         return loss
 
-    monkeypatch.setattr(methods, "loss_fn", lambda method, d, schedule, lean: recording(f"{method}/{lean}"))
+    monkeypatch.setattr(methods, "loss_fn", lambda method, d, schedule, lean, **tiling: recording(f"{method}/{lean}"))
     config = {"model": "tiny-wan21", "inputs": str(tmp_path / "inputs.pt"), "rounds": 3, "settle_rounds": 1,
               "methods": [["full", None, "sliding", False], ["full", None, "sliding", True],
                           ["pixel_loss", 1, "chunked", None]]}

@@ -11,7 +11,9 @@ def test_headline_runs_every_row_and_writes_its_table(tmp_path):
                           "--results", str(results)]) == 0
     record = json.loads((tmp_path / "out" / "headline.json").read_text())
     rows = record["rows"]
-    assert len(rows) == len(headline.TINY_SIZES) * len(headline.ROWS)
+    assert len(rows) == len(headline.TINY_SIZES) * len(headline.ROWS) + len(headline.TILED_SIZES) * len(
+        headline.TILED_ROWS)
+    assert [r["tile"] for r in rows if r.get("tile")] == [headline.TINY_TILE] * len(headline.TILED_ROWS)
     assert all(r["status"] == "ok" and r["peak_bytes"] > 0 and r["memory_step_s"] > 0 for r in rows), rows
     # every chopgrad row decodes to the same loss as full backprop: the same step on the same inputs
     for size in {r["size"] for r in rows}:

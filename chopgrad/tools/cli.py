@@ -131,6 +131,13 @@ def build_parser() -> _Parser:
     b.add_argument("--unfused", action="store_true",
                    help="also measure every chopgrad method with lean=False (the model's own modules instead of "
                         "the fused decoder ops that pixel_loss uses by default)")
+    b.add_argument("--tile", type=_positive_int, metavar="PIXELS",
+                   help="also measure every chopgrad method with pixel_loss(tile=PIXELS): a spatially tiled "
+                        "backward (a multiple of the model's spatial stride) (default: no tiled rows)")
+    b.add_argument("--tile-grads", nargs="+", choices=("exact", "truncated"), default=["exact"],
+                   help="the tile_grad modes measured with --tile")
+    b.add_argument("--tile-halo", type=_nonneg_int, metavar="PIXELS",
+                   help="tile_halo of tile_grad='truncated' (default: one spatial stride, as pixel_loss)")
     b.add_argument("--repeats", type=_positive_int, default=3,
                    help="timed rounds per clip and size: all methods that fit in memory run in one process, "
                    "interleaved (one step of each per round, in rotating order, with glibc's usual allocator "
@@ -239,6 +246,26 @@ def _check_shapes(vae, frames, sizes, *, size_option: str) -> None:
         fail(f"--frames: {exc}")
 
 
+def _check_tiling(vae, args) -> None:
+    from chopgrad.adapters import WanAdapter, wrap
+    from chopgrad.tools.bench.workloads import spatial_factor
+
+    if args.tile is None:
+        if args.tile_halo is not None or args.tile_grads != ["exact"]:
+            fail("--tile-halo and --tile-grads apply to tiled runs: give --tile too")
+        return
+    stride = spatial_factor(vae)
+    if args.tile % stride:
+        fail(f"--tile: {args.tile} is not a multiple of the model's spatial stride ({stride} pixels)")
+    if args.tile_halo is not None and args.tile_halo % stride:
+        fail(f"--tile-halo: {args.tile_halo} is not a multiple of the model's spatial stride ({stride} pixels)")
+    if args.tile_halo is not None and "truncated" not in args.tile_grads:
+        fail("--tile-halo applies to --tile-grads truncated only")
+    if "exact" in args.tile_grads and not isinstance(wrap(vae), WanAdapter):
+        fail(f"--tile-grads exact: exact tiling supports the Wan decoders only, not {type(vae).__name__}; "
+             f"use --tile-grads truncated")
+
+
 def _check_out(path: str, files) -> None:
     """`--out` must be a folder that exists or can be created, in which each of `files` can be written."""
     if not path:
@@ -281,10 +308,13 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(
         model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, frames=args.frames,
         sizes=args.sizes, d_truncs=args.d_truncs, schedules=tuple(args.schedules),
-        baselines=tuple(args.baselines), unfused=args.unfused, repeats=args.repeats, warmup=args.warmup,
+        baselines=tuple(args.baselines), unfused=args.unfused, tile=args.tile, tile_grads=tuple(args.tile_grads),
+        tile_halo=args.tile_halo, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads,
         memory_budget_bytes=int(args.memory_budget * 2**30) if args.memory_budget else None, timeout_s=args.timeout)
-    _check_shapes(_load_model(settings.model), settings.frames, settings.sizes, size_option="--sizes")
+    vae = _load_model(settings.model)
+    _check_shapes(vae, settings.frames, settings.sizes, size_option="--sizes")
+    _check_tiling(vae, args)
     measured: list[dict] = []
 
     def record(row: dict) -> None:

@@ -30,7 +30,7 @@ import torch
 from ..metrics import gradient_fidelity
 from .methods import method_label
 from .runner import run_isolated
-from .workloads import RANDOM_MODELS, check_frames, check_sizes, load_model, make_inputs
+from .workloads import RANDOM_MODELS, check_frames, check_sizes, load_model, make_inputs, spatial_factor
 
 QUICK_FRAMES = (17, 129)
 QUICK_SIZES = (32,)
@@ -60,6 +60,9 @@ class BenchSettings:
     seed: int = 0
     threads: Optional[int] = None  # CPU threads per worker; None: the cores not busy with other processes
     unfused: bool = False  # also measure each chopgrad method with lean=False (the model's own modules)
+    tile: Optional[int] = None  # also measure each chopgrad method with pixel_loss(tile=...), per tile_grads
+    tile_grads: tuple = ("exact",)
+    tile_halo: Optional[int] = None  # tile_grad="truncated"'s halo (None: pixel_loss's default)
 
     def __post_init__(self):
         if self.frames is None:
@@ -76,15 +79,18 @@ class BenchSettings:
             self.threads = default_threads()
 
     def methods(self):
-        """(method, d_trunc, schedule, lean) tuples, baselines first; chopgrad's run lean (its default)."""
-        out = [(b, None, "sliding", False) for b in self.baselines]
+        """(method, d_trunc, schedule, lean, tile, tile_grad, tile_halo) tuples, baselines first; chopgrad's run
+        lean (its default), untiled and then tiled when `tile` is set."""
+        out = [(b, None, "sliding", False, None, "exact", None) for b in self.baselines]
         for schedule in self.schedules:
             for d in self.d_truncs:
                 if d == 0 and schedule != "sliding" and "sliding" in self.schedules:
                     continue  # d_trunc=0: every schedule is the same computation
-                out.append(("pixel_loss", d, schedule, True))
-                if self.unfused:
-                    out.append(("pixel_loss", d, schedule, False))
+                for lean in (True, False) if self.unfused else (True,):
+                    out.append(("pixel_loss", d, schedule, lean, None, "exact", None))
+                    if self.tile is not None:
+                        out += [("pixel_loss", d, schedule, lean, self.tile, g,
+                                 self.tile_halo if g == "truncated" else None) for g in self.tile_grads]
         return out
 
 
@@ -167,7 +173,10 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
 
     vae = load_model(settings.model, device="cpu")
     check_shapes(vae, settings.frames, settings.sizes)
-    methods = settings.methods()
+    stride = spatial_factor(vae)
+    # pixel_loss's default halo (one spatial stride), named in the labels
+    methods = [m[:6] + ((stride if m[6] is None else m[6]) if m[5] == "truncated" and m[4] else m[6],)
+               for m in settings.methods()]
     total = len(settings.sizes) * len(settings.frames) * len(methods)
     rows: list[dict] = []
     bar = tqdm(total=total, file=sys.stderr, disable=not progress, unit="run", dynamic_ncols=True)
@@ -181,18 +190,19 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                     torch.save({"latents": latents, "target": target}, inputs)
                     workload = []
                     ref_grad = ref_loss = None
-                    for i, (method, d, schedule, lean) in enumerate(methods):
-                        label = method_label(method, d, schedule, lean)
+                    for i, (method, d, schedule, lean, tile, tile_grad, tile_halo) in enumerate(methods):
+                        label = method_label(method, d, schedule, lean, tile, tile_grad, tile_halo)
                         bar.set_description(f"{size}x{size} {frames:>3d}f {label}")
                         grad_path = os.path.join(tmp, f"grad_{size}_{frames}_{i}.pt")
                         config = dict(model=settings.model, device=settings.device, dtype=settings.dtype,
                                       inputs=inputs, method=method, d_trunc=d, schedule=schedule, lean=lean,
-                                      repeats=0, warmup=settings.warmup, save_grad=grad_path)
+                                      tile=tile, tile_grad=tile_grad, tile_halo=tile_halo, repeats=0, warmup=settings.warmup, save_grad=grad_path)
                         t0 = time.monotonic()
                         m = run_isolated(config, memory_budget_bytes=settings.memory_budget_bytes,
                                          timeout_s=settings.timeout_s)
                         row = dict(size=size, frames=frames, method=method, d_trunc=d, schedule=schedule,
-                                   lean=lean, label=label, status=m.status, detail=m.detail, wall_s=time.monotonic() - t0,
+                                   lean=lean, tile=tile, tile_grad=tile_grad if tile else None, tile_halo=tile_halo,
+                                   label=label, status=m.status, detail=m.detail, wall_s=time.monotonic() - t0,
                                    peak_bytes=None, time_s=None, frames_per_s=None, cosine=None, rel_error=None)
                         if m.ok:
                             row.update(peak_bytes=m.result.get("peak_bytes"), loss=m.result.get("loss"),
@@ -229,7 +239,8 @@ def time_side_by_side(workload: list[dict], settings: BenchSettings, inputs: str
     if not rows or settings.repeats < 1:
         return
     config = dict(model=settings.model, device=settings.device, dtype=settings.dtype, inputs=inputs,
-                  methods=[[r["method"], r["d_trunc"], r["schedule"], r["lean"]] for r in rows],
+                  methods=[[r["method"], r["d_trunc"], r["schedule"], r["lean"], r["tile"], r["tile_grad"] or "exact",
+                            r["tile_halo"]] for r in rows],
                   rounds=settings.repeats, settle_rounds=1 + settings.warmup)
     m = run_isolated(config, memory_budget_bytes=settings.memory_budget_bytes,
                      timeout_s=settings.timeout_s * len(rows), module="chopgrad.tools.bench.timing",
@@ -393,7 +404,7 @@ def plot_results(rows: list[dict], out_dir: str) -> dict:
     for size in sizes:
         for schedule in ("sliding", "chunked"):
             cand = [r for r in rows if r["size"] == size and r["method"] == "pixel_loss" and r["cosine"] is not None
-                    and (r["schedule"] == schedule or r["d_trunc"] == 0)]
+                    and (r["schedule"] == schedule or r["d_trunc"] == 0) and r.get("tile") is None]
             for frames in sorted({r["frames"] for r in cand}):
                 pts = sorted((r["d_trunc"], r["cosine"], r["rel_error"]) for r in cand if r["frames"] == frames)
                 name = f"{schedule}, {size}x{size}, {frames} frames"
@@ -412,4 +423,31 @@ def plot_results(rows: list[dict], out_dir: str) -> dict:
     paths["fidelity_vs_dtrunc.png"] = os.path.join(out_dir, "fidelity_vs_dtrunc.png")
     fig.savefig(paths["fidelity_vs_dtrunc.png"], dpi=110)
     plt.close(fig)
+    if len(sizes) > 1:
+        paths.update(_plot_against_size(rows, out_dir, plt))
     return paths
+
+
+def _plot_against_size(rows: list[dict], out_dir: str, plt) -> dict:
+    """memory_vs_size.png: peak memory and time per step against resolution, at the longest clip measured."""
+    frames = max(r["frames"] for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        pts = sorted((r["size"], r["peak_bytes"] / 2**20, r["time_s"]) for r in rows
+                     if r["label"] == label and r["frames"] == frames and r["status"] == "ok")
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        timed = [p for p in pts if p[2] is not None]
+        axes[1].plot([p[0] for p in timed], [p[2] for p in timed], marker="o", label=label)
+    for ax, ylabel in zip(axes, ("peak memory (MiB)", "time per step (s)")):
+        ax.set_xlabel(f"frame size (pixels, square), {frames} frames")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "memory_vs_size.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"memory_vs_size.png": path}

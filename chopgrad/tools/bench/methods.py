@@ -6,7 +6,8 @@
   mutates its cache list and counter, so recomputation sees another state;
   here the state is an explicit input and output of the checkpointed
   function (chopgrad's pure adapter step), so recomputation is exact.
-- "pixel_loss": chopgrad's truncated backprop (schedule, d_trunc), on the fused decoder ops unless lean=False.
+- "pixel_loss": chopgrad's truncated backprop (schedule, d_trunc), on the fused decoder ops unless lean=False,
+  optionally with a spatially tiled backward (tile, tile_grad, tile_halo).
 """
 from __future__ import annotations
 
@@ -50,19 +51,25 @@ def checkpointed_loss(vae_or_adapter, latents: torch.Tensor, target: torch.Tenso
     return sum(errors, latents.new_zeros((), dtype=torch.float32)) / target.numel()
 
 
-def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding", lean: bool = True) -> Callable:
-    """The step's loss; `lean` is pixel_loss's (the baselines run the model as it is)."""
+def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding", lean: bool = True,
+            tile: Optional[int] = None, tile_grad: str = "exact", tile_halo: Optional[int] = None) -> Callable:
+    """The step's loss; `lean` and the tiling arguments are pixel_loss's (the baselines run the model as it is)."""
     if method == "full":
         return full_backprop_loss
     if method == "checkpoint":
         return checkpointed_loss
     if method == "pixel_loss":
+        tiling = {} if tile is None else dict(tile=tile, tile_grad=tile_grad, tile_halo=tile_halo)
         return lambda vae, z, target: pixel_loss(vae, z, target, loss="mse", d_trunc=d_trunc, schedule=schedule,
-                                                 lean=lean)
+                                                 lean=lean, **tiling)
     raise ValueError(f"method must be 'full', 'checkpoint' or 'pixel_loss', got {method!r}")
 
 
-def method_label(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding", lean: bool = True) -> str:
+def method_label(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding", lean: bool = True,
+                 tile: Optional[int] = None, tile_grad: str = "exact", tile_halo: Optional[int] = None) -> str:
     if method == "pixel_loss":
-        return f"chopgrad {schedule} d={d_trunc}" + ("" if lean else " unfused")
+        label = f"chopgrad {schedule} d={d_trunc}" + ("" if lean else " unfused")
+        if tile is not None:
+            label += f" tile {tile} {tile_grad}" + (f" halo {tile_halo}" if tile_grad == "truncated" else "")
+        return label
     return {"full": "full backprop", "checkpoint": "checkpointed (per step)"}[method]

@@ -2,7 +2,8 @@
 workload side by side and prints one JSON line.
 
 Config keys: those of the worker (model, device, dtype, inputs), plus
-methods (a list of [method, d_trunc, schedule, lean]), rounds and
+methods (a list of [method, d_trunc, schedule, lean] or
+[method, d_trunc, schedule, lean, tile, tile_grad, tile_halo]), rounds and
 settle_rounds.
 
 Why one process for all methods: step times measured in separate processes
@@ -42,17 +43,19 @@ def main(argv=None) -> int:
 
     from chopgrad.adapters.wan_patch import lean_decoder
     from chopgrad.tools.bench.methods import loss_fn
-    from chopgrad.tools.bench.worker import load_workload, synchronize, training_step, uses_lean, warm_up_code_paths
+    from chopgrad.tools.bench.worker import (load_workload, synchronize, tiling_of, training_step, uses_lean,
+                                             warm_up_code_paths)
 
     vae, device, latents, target = load_workload(config)
     methods = [tuple(m) for m in config["methods"]]
     if not methods:
         raise SystemExit("timing: the config's 'methods' list is empty")
     steps = []
-    for method, d_trunc, schedule, lean in methods:
+    for method, d_trunc, schedule, lean, *tile in methods:
         lean = uses_lean(method, lean)
         patched = lean and method != "pixel_loss"
-        steps.append((loss_fn(method, d_trunc, schedule, lean=lean), patched))
+        tiling = tiling_of(dict(zip(("tile", "tile_grad", "tile_halo"), tile)))
+        steps.append((loss_fn(method, d_trunc, schedule, lean=lean, **tiling), patched))
 
     def model_for(patched):
         return lean_decoder(vae) if patched else contextlib.nullcontext()

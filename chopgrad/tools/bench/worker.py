@@ -2,7 +2,8 @@
 
 Config keys: model, device, dtype, inputs (path of a torch.save'd
 {"latents", "target"}), method, d_trunc, schedule, repeats, warmup,
-save_grad (optional path for the latent gradient), lean (the fused decoder
+save_grad (optional path for the latent gradient), tile / tile_grad /
+tile_halo (pixel_loss's spatial tiling, optional), lean (the fused decoder
 ops: pixel_loss's `lean` argument, default True; for the baselines, default
 False, True patches the model with chopgrad.patch).
 
@@ -45,6 +46,13 @@ def load_workload(config: dict):
     vae.requires_grad_(False)  # the step trains the upstream latents, as in a diffusion fine-tune
     inputs = torch.load(config["inputs"])
     return vae, device, inputs["latents"].to(device=device, dtype=dtype), inputs["target"].to(device=device, dtype=dtype)
+
+
+def tiling_of(config: dict) -> dict:
+    """pixel_loss's tiling arguments in a worker config (none: no tiling)."""
+    if config.get("tile") is None:
+        return {}
+    return {"tile": config["tile"], "tile_grad": config.get("tile_grad", "exact"), "tile_halo": config.get("tile_halo")}
 
 
 def uses_lean(method: str, lean) -> bool:
@@ -98,7 +106,8 @@ def main(argv=None) -> int:
         from chopgrad.adapters.wan_patch import patch
 
         patch(vae)
-    step_loss = loss_fn(method, config.get("d_trunc"), config.get("schedule", "sliding"), lean=lean)
+    step_loss = loss_fn(method, config.get("d_trunc"), config.get("schedule", "sliding"), lean=lean,
+                        **tiling_of(config))
 
     try:
         warm_up_code_paths(vae, latents, step_loss)
