@@ -48,6 +48,26 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert data["machine"]["torch"] == torch.__version__
 
 
+def test_bench_tiled_rows(tmp_path, capsys):
+    """--tile adds a tiled row per tile_grad after each chopgrad method; exact tiling has the untiled gradient."""
+    out_dir = tmp_path / "out"
+    code, _ = run_cli(capsys, "bench", "--model", "tiny-wan21", "--frames", "9", "--sizes", "16", "24",
+                      "--repeats", "1", "--threads", "1", "--no-progress", "--baselines", "full",
+                      "--schedules", "chunked", "--d-trunc", "1", "--tile", "8", "--tile-grads", "exact", "truncated",
+                      "--out", str(out_dir))
+    assert code == 0
+    rows = json.loads((out_dir / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows[:4]] == ["full backprop", "chopgrad chunked d=1",
+                                              "chopgrad chunked d=1 tile 8 exact",
+                                              "chopgrad chunked d=1 tile 8 truncated halo 8"]
+    assert all(r["status"] == "ok" and r["time_s"] > 0 for r in rows), [r["detail"] for r in rows]
+    for size in (16, 24):
+        untiled, exact, truncated = [r for r in rows if r["size"] == size and r["method"] == "pixel_loss"]
+        assert exact["rel_error"] == pytest.approx(untiled["rel_error"], rel=1e-4, abs=1e-6)
+        assert truncated["loss"] == pytest.approx(untiled["loss"], rel=1e-6)
+    assert (out_dir / "memory_vs_size.png").stat().st_size > 0
+
+
 def test_bench_oom_rows_reported(tmp_path, capsys):
     # 0.001 GiB: every worker is over budget as soon as it starts; the run completes and says OOM
     code, out = run_cli(capsys, "bench", "--model", "tiny-wan21", "--frames", "5", "--sizes", "16", "--repeats", "1",
@@ -108,6 +128,11 @@ def test_bench_local_diffusers_folder(tmp_path, capsys):
     (["bench", "--model", "/no/such/folder"], "does not exist"),
     (["probe", "--model", "tiny-wan21", "--frames", "10"], "1 + 4k"),
     (["bench", "--device", "tpu"], "cpu"),
+    (["bench", "--model", "tiny-wan21", "--tile", "12"], "--tile: 12 is not a multiple of the model's spatial stride (8"),
+    (["bench", "--model", "tiny-wan21", "--tile-halo", "8"], "give --tile too"),
+    (["bench", "--model", "tiny-wan21", "--tile", "8", "--tile-halo", "4", "--tile-grads", "truncated"],
+     "--tile-halo: 4 is not a multiple"),
+    (["bench", "--model", "tiny-wan21", "--tile", "8", "--tile-halo", "8"], "applies to --tile-grads truncated only"),
     (["probe", "--device", "cuda:x"], "--device must be 'cpu' or 'cuda[:N]', got 'cuda:x'"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):

@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import contextlib
+
 import torch
 
 from .base import DecodePlan, DecoderAdapter, State
@@ -157,15 +159,15 @@ class _ExactTiles(torch.autograd.Function):
         slot_needs = needs[2: 2 + len(slot_tensors)]
         param_needs = needs[2 + len(slot_tensors):]
         out_grad_of = dict(zip(spec.out_slots, grad_new_slots))
+        trainable = [p for p, n in zip(params, param_needs) if n]
         slot_grads: list[Optional[torch.Tensor]] = [None] * len(slot_tensors)
         param_grads: list[Optional[torch.Tensor]] = [None] * len(params)
-        trainable = [p for p, n in zip(params, param_needs) if n]
-        enabled, dtype = ctx.autocast
-        autocast = torch.autocast(ctx.device_type, dtype=dtype, enabled=True) if enabled else None
         for s in reversed(range(len(spec.stages))):
             stage, (core_h, core_w), x_s = spec.stages[s], spec.cores[s], stage_inputs[s]
             need_x = s > 0 or needs[1]
-            grad_x = torch.zeros_like(x_s) if need_x else None
+            # one stage at a time: its slot and parameter gradients carry over to the earlier stages
+            acc = _TileGradients(x_s if need_x else None, slot_tensors, param_needs)
+            acc.tensor_grads, acc.param_grads = slot_grads, param_grads
             u = stage.upscale
             h, w = x_s.shape[-2:]
             for rows in spans(h, core_h, stage.halo):
@@ -175,7 +177,7 @@ class _ExactTiles(torch.autograd.Function):
                                  out_grad_of[j][..., rows.core, cols.core] for j in stage.slots]
                     if cot_out is None and all(c is None for c in cot_slots):
                         continue
-                    with torch.enable_grad(), autocast if autocast is not None else _no_context():
+                    with _recompute_context(ctx):
                         x_leaf = x_s[..., rows.crop, cols.crop].detach().requires_grad_(need_x)
                         leaves, wrt_slots = [], []
                         for j in stage.slots:
@@ -201,39 +203,51 @@ class _ExactTiles(torch.autograd.Function):
                         if not outputs or not wrt:
                             continue
                         grads = torch.autograd.grad(outputs, wrt, cotangents, allow_unused=True)
-                    grads = list(grads)
-                    if need_x:
-                        g = grads.pop(0)
-                        if g is not None:
-                            grad_x[..., rows.crop, cols.crop] += g
-                    for (k, _), g in zip(wrt_slots, grads[: len(wrt_slots)]):
-                        if g is None:
-                            continue
-                        if slot_grads[k] is None:
-                            slot_grads[k] = torch.zeros_like(slot_tensors[k])
-                        slot_grads[k][..., rows.crop, cols.crop] += g
-                    _accumulate(param_grads, param_needs, grads[len(wrt_slots):])
-            grad_out = grad_x
+                    window = (rows.crop, cols.crop)
+                    acc.add(grads, window, [(k, window) for k, _ in wrt_slots])
+            grad_out = acc.main
         return (None, grad_out, *slot_grads, *param_grads)
 
 
-class _no_context:
-    def __enter__(self):
-        return None
+def _recompute_context(ctx):
+    """Autograd on, and the autocast state the forward ran under."""
+    enabled, dtype = ctx.autocast
+    autocast = torch.autocast(ctx.device_type, dtype=dtype, enabled=True) if enabled else contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.enable_grad())
+    stack.enter_context(autocast)
+    return stack
 
-    def __exit__(self, *exc):
-        return False
 
+class _TileGradients:
+    """Full-frame gradient buffers that each tile's gradients are added into: the main input (latents or stage
+    input), the tensor inputs (state slots, allocated on first use) and the trainable parameters."""
 
-def _accumulate(param_grads: list, param_needs: Sequence[bool], grads: Sequence) -> None:
-    it = iter(grads)
-    for i, need in enumerate(param_needs):
-        if not need:
-            continue
-        g = next(it)
-        if g is None:
-            continue
-        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+    def __init__(self, main: Optional[torch.Tensor], tensors: Sequence[torch.Tensor], param_needs: Sequence[bool]):
+        self.main = None if main is None else torch.zeros_like(main)
+        self.tensors = tensors
+        self.tensor_grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+        self.param_needs = param_needs
+        self.param_grads: list[Optional[torch.Tensor]] = [None] * len(param_needs)
+
+    def add(self, grads: Sequence, main_window: tuple, tensor_windows: Sequence[tuple[int, tuple]]) -> None:
+        """`grads` in the order (main if tracked, the tensors of `tensor_windows`, the trainable parameters)."""
+        grads = list(grads)
+        if self.main is not None:
+            g = grads.pop(0)
+            if g is not None:
+                self.main[(..., *main_window)] += g
+        for (k, window), g in zip(tensor_windows, grads):
+            if g is None:
+                continue
+            if self.tensor_grads[k] is None:
+                self.tensor_grads[k] = torch.zeros_like(self.tensors[k])
+            self.tensor_grads[k][(..., *window)] += g
+        it = iter(grads[len(tensor_windows):])
+        for i, need in enumerate(self.param_needs):
+            g = next(it) if need else None
+            if g is not None:
+                self.param_grads[i] = g if self.param_grads[i] is None else self.param_grads[i] + g
 
 
 @dataclass
@@ -291,22 +305,16 @@ class _TruncatedTiles(torch.autograd.Function):
         trainable = [p for p, n in zip(params, param_needs) if n]
         scales = [_slot_scale(t, z, f"state slot {k}") for k, t in enumerate(state_tensors)]
         next_grads = dict(zip(spec.out_slots, grad_next))
-        grad_z = torch.zeros_like(z) if needs[1] else None
-        state_grads: list[Optional[torch.Tensor]] = [None] * len(state_tensors)
-        param_grads: list[Optional[torch.Tensor]] = [None] * len(params)
+        acc = _TileGradients(z if needs[1] else None, state_tensors, param_needs)
         f = spec.spatial_factor
-        enabled, dtype = ctx.autocast
-        autocast = torch.autocast(ctx.device_type, dtype=dtype, enabled=True) if enabled else None
         h, w = z.shape[-2:]
         for rows in spans(h, spec.core[0], spec.halo):
             for cols in spans(w, spec.core[1], spec.halo):
-                with torch.enable_grad(), autocast if autocast is not None else _no_context():
+                with _recompute_context(ctx):
                     z_leaf = z[..., rows.crop, cols.crop].detach().requires_grad_(needs[1])
-                    leaves = []
-                    for k, t in enumerate(state_tensors):
-                        r = scales[k]
-                        leaves.append(t[..., scaled(rows.crop, r), scaled(cols.crop, r)].detach()
-                                      .requires_grad_(state_needs[k]))
+                    windows = [(scaled(rows.crop, r), scaled(cols.crop, r)) for r in scales]
+                    leaves = [t[(..., *window)].detach().requires_grad_(need)
+                              for t, window, need in zip(state_tensors, windows, state_needs)]
                     state = [leaves[e[1]] if isinstance(e, tuple) else e for e in spec.state]
                     frames, next_state = spec.adapter.step(spec.index, z_leaf, state)
                     outputs, cotangents = [], []
@@ -320,24 +328,13 @@ class _TruncatedTiles(torch.autograd.Function):
                         r = _slot_scale(s, z_leaf, f"new state slot {j}")
                         outputs.append(s[..., rows.core_in_crop(r), cols.core_in_crop(r)])
                         cotangents.append(g[..., scaled(rows.core, r), scaled(cols.core, r)])
-                    wrt_state = [(k, leaf) for k, leaf in enumerate(leaves) if state_needs[k]]
-                    wrt = ([z_leaf] if needs[1] else []) + [leaf for _, leaf in wrt_state] + trainable
+                    tracked = [k for k, need in enumerate(state_needs) if need]
+                    wrt = ([z_leaf] if needs[1] else []) + [leaves[k] for k in tracked] + trainable
                     if not outputs or not wrt:
                         continue
-                    grads = list(torch.autograd.grad(outputs, wrt, cotangents, allow_unused=True))
-                if needs[1]:
-                    g = grads.pop(0)
-                    if g is not None:
-                        grad_z[..., rows.crop, cols.crop] += g
-                for (k, _), g in zip(wrt_state, grads[: len(wrt_state)]):
-                    if g is None:
-                        continue
-                    if state_grads[k] is None:
-                        state_grads[k] = torch.zeros_like(state_tensors[k])
-                    r = scales[k]
-                    state_grads[k][..., scaled(rows.crop, r), scaled(cols.crop, r)] += g
-                _accumulate(param_grads, param_needs, grads[len(wrt_state):])
-        return (None, grad_z, *state_grads, *param_grads)
+                    grads = torch.autograd.grad(outputs, wrt, cotangents, allow_unused=True)
+                acc.add(grads, (rows.crop, cols.crop), [(k, windows[k]) for k in tracked])
+        return (None, acc.main, *acc.tensor_grads, *acc.param_grads)
 
 
 def _split_state(state: State) -> tuple[list, list]:
@@ -350,10 +347,6 @@ def _split_state(state: State) -> tuple[list, list]:
         else:
             entries.append(s)
     return entries, tensors
-
-
-def _as_pair(tile) -> tuple[int, int]:
-    return (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
 
 
 class TiledAdapter(DecoderAdapter):
@@ -445,11 +438,10 @@ def supports_exact_tiling(adapter: DecoderAdapter) -> bool:
     return callable(getattr(adapter, "tiled_parts", None))
 
 
-def tiled(adapter: DecoderAdapter, tile, mode: str, spatial_factor: int, halo: int = 0) -> TiledAdapter:
+def tiled(adapter: DecoderAdapter, tile: tuple[int, int], mode: str, spatial_factor: int,
+          halo: int = 0) -> TiledAdapter:
     """`adapter` with a tiled backward; arguments checked by the caller (see `chopgrad.pixel_loss`)."""
-    if mode not in TILE_GRADS:
-        raise ValueError(f"tile_grad must be one of {TILE_GRADS}, got {mode!r}")
-    return TiledAdapter(adapter, _as_pair(tile), mode, spatial_factor, halo)
+    return TiledAdapter(adapter, tile, mode, spatial_factor, halo)
 
 
 __all__ = ["LocalStage", "MIN_CORE_HALOS", "Span", "TILE_GRADS", "TiledAdapter", "spans", "supports_exact_tiling",
