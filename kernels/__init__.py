@@ -19,6 +19,11 @@ memory-lean autograd Function or value-and-grad function, a public function):
   :func:`rms_norm_silu_pad_conv3d` folds the following conv in too so the
   padded conv input is rebuilt in backward instead of kept.
 
+Every conv these ops and the patched decoder run goes through :func:`conv3d`
+(``F.conv3d`` without padding), which on CPU runs a small batch-of-one conv
+as two row bands in a batch of two, so PyTorch picks oneDNN instead of its
+much slower native convolution (see ``chopgrad/kernels/_cpu_conv3d.py``).
+
 Ops only: nothing here knows a model. ``chopgrad.patch`` (in ``chopgrad.adapters``)
 swaps a Wan decoder's hot paths for these ops.
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import ENV_FORCE_TRITON, HAS_TRITON, backend_name, force_mode, interpreter_ready
+from ._cpu_conv3d import conv3d
 from .causal_pad import causal_pad, causal_pad_reference
 from .pixel_losses import LOSS_KINDS, fused_pixel_loss, pixel_loss_frames, pixel_loss_value_and_grad
 from .rms_norm_silu import rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d, rms_norm_silu_reference
@@ -64,7 +70,7 @@ def fused_ops_available(device: torch.device | str | None = None,
 
 __all__ = [
     "ENV_FORCE_TRITON", "HAS_TRITON", "LOSS_KINDS", "OPS",
-    "causal_pad", "causal_pad_reference", "force_mode", "fused_ops_available", "fused_pixel_loss", "fused_ssim",
+    "causal_pad", "causal_pad_reference", "conv3d", "force_mode", "fused_ops_available", "fused_pixel_loss", "fused_ssim",
     "interpreter_ready", "pixel_loss_frames", "pixel_loss_value_and_grad",
     "rms_norm_silu", "rms_norm_silu_pad", "rms_norm_silu_pad_conv3d", "rms_norm_silu_reference",
     "ssim_frames", "ssim_value_and_grad",

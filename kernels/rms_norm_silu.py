@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ._args import computed_or_empty, not_computed
+from ._cpu_conv3d import conv3d, conv3d_backward
 from ._dispatch import check_float_tensor, tl, triton, triton_kernel, use_triton
 from .causal_pad import causal_pad_backward, causal_pad_forward, geometry_from_sizes, interior, make_geometry
 
@@ -604,8 +605,8 @@ def _conv3d_in_dtype(x_pad, weight, conv_bias, stride, dilation, groups):
     # the conv runs in x's dtype even under autocast: backward calls convolution_backward on
     # the rebuilt input with the saved weight, which needs the dtypes the forward used
     with torch.autocast(device_type=x_pad.device.type, enabled=False):
-        return F.conv3d(x_pad, weight.to(x_pad.dtype), None if conv_bias is None else conv_bias.to(x_pad.dtype),
-                        stride, 0, dilation, groups)
+        return conv3d(x_pad, weight.to(x_pad.dtype), None if conv_bias is None else conv_bias.to(x_pad.dtype),
+                      stride, dilation, groups)
 
 
 @torch.library.custom_op("chopgrad::rms_norm_silu_pad_conv3d", mutates_args=())
@@ -651,9 +652,8 @@ def _rms_norm_silu_pad_conv3d_backward_op(
         with torch.no_grad():
             x_pad, _ = causal_pad_forward(x, cache, geo, emit_cache=False, skip_x=True, triton_path=triton_path)
             _norm_forward(x, gamma, bias, bias_scalar, scale, 0.0, x_pad, None, geo, triton_path, rstd=rstd)
-            g_pad, g_w, g_cb = torch.ops.aten.convolution_backward(
-                gout.to(x.dtype), x_pad, weight.to(x.dtype), [weight.shape[0]] if has_conv_bias else None,
-                list(stride), [0, 0, 0], list(dilation), False, [0, 0, 0], groups,
+            g_pad, g_w, g_cb = conv3d_backward(
+                gout.to(x.dtype), x_pad, weight.to(x.dtype), has_conv_bias, stride, dilation, groups,
                 [need_x or need_params or need_cache, need_weight, need_conv_bias and has_conv_bias],
             )
         del x_pad

@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
-from ..kernels import causal_pad, rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d
+from ..kernels import causal_pad, conv3d, rms_norm_silu, rms_norm_silu_pad, rms_norm_silu_pad_conv3d
 
 _MARK = "_chopgrad_patch"
 _RECOMPUTE = "_chopgrad_recompute"
@@ -334,7 +334,7 @@ def _problem(wan, module: nn.Module, fn) -> str | None:
 
 
 def _conv(conv: nn.Module, x_pad: torch.Tensor) -> torch.Tensor:
-    return F.conv3d(x_pad, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    return conv3d(x_pad, conv.weight, conv.bias, conv.stride, conv.dilation, conv.groups)
 
 
 def _read_cache(feat_cache, feat_idx):
