@@ -21,10 +21,9 @@ import torch
 
 from chopgrad.tools.bench import run_isolated
 from chopgrad.tools.bench.bench import default_threads
+from chopgrad.tools.bench.markdown import replace_section
 from chopgrad.tools.bench.methods import method_label
 from chopgrad.tools.bench.workloads import load_model, make_inputs
-
-START, END = "<!-- memory_scaling:start -->", "<!-- memory_scaling:end -->"
 
 
 def methods():
@@ -77,14 +76,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)
     if args.results:
-        section = f"{START}\n{machine}\n\n{table}\n{END}"
-        text = open(args.results).read() if os.path.exists(args.results) else "# Benchmark results\n"
-        if START in text:
-            text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-        else:
-            text += f"\n## Memory scaling (engine)\n\n{section}\n"
-        with open(args.results, "w") as f:
-            f.write(text)
+        replace_section(args.results, "memory_scaling", f"{machine}\n\n{table}", heading="Memory scaling (engine)")
     return 0
 
 

@@ -33,24 +33,34 @@ def _reset_rss_peak() -> bool:
 
 
 class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages allocated by ops run inside the mode (forward and backward)."""
+    """Peak bytes of live tensor storages allocated by ops run inside the mode (forward and backward).
 
-    def __init__(self):
+    With `snapshot=True`, `at_peak` lists the storages live at the peak as (bytes, shape of the tensor that
+    allocated it, the op that did).
+    """
+
+    def __init__(self, snapshot: bool = False):
         super().__init__()
-        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.refs: dict[int, tuple[StorageWeakRef, int, tuple]] = {}
         self.peak = 0
+        self.snapshot = snapshot
+        self.at_peak: list[tuple[int, tuple[int, ...], str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.refs.items() if ref.expired()]:
+        for key in [k for k, (ref, _, _) in self.refs.items() if ref.expired()]:
             del self.refs[key]
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
                 key = st.data_ptr()
                 if key and key not in self.refs:
-                    self.refs[key] = (StorageWeakRef(st), st.nbytes())
-        self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
+                    self.refs[key] = (StorageWeakRef(st), st.nbytes(), (tuple(t.shape), str(func)))
+        total = sum(n for _, n, _ in self.refs.values())
+        if total > self.peak:
+            self.peak = total
+            if self.snapshot:
+                self.at_peak = [(n, *origin) for _, n, origin in self.refs.values()]
         return out
 
 
