@@ -75,7 +75,7 @@ class LocalStage:
     resolution) of the cache slots it uses to the output crop (`upscale` times larger) and the new slot
     values. A slot value that is not a tensor (an empty slot or an adapter's marker) passes through as
     is. `halo` (stage-input pixels) covers the stage's receptive field; `scale` is decoded pixels per
-    stage-input pixel; `slot_scales` (default: all 1) the resolution of each slot in stage-input pixels.
+    stage-input pixel.
     """
 
     run: Callable
@@ -83,38 +83,6 @@ class LocalStage:
     halo: int
     upscale: int
     scale: int
-    slot_scales: tuple[int, ...] = ()
-
-    def slot_scale(self, i: int) -> int:
-        return self.slot_scales[i] if self.slot_scales else 1
-
-
-def chain(first: LocalStage, second: LocalStage) -> LocalStage:
-    """One stage running `first` then `second`: the boundary between them is recomputed instead of stored.
-
-    Its halo covers both receptive fields: `second`'s halo at `first`'s input resolution, rounded up.
-    """
-    n = len(first.slots)
-
-    def run(x, slot_values):
-        y, first_values = first.run(x, slot_values[:n])
-        out, second_values = second.run(y, slot_values[n:])
-        return out, [*first_values, *second_values]
-
-    scales = tuple(first.slot_scale(i) for i in range(n)) + tuple(
-        first.upscale * second.slot_scale(i) for i in range(len(second.slots)))
-    return LocalStage(run=run, slots=first.slots + second.slots,
-                      halo=first.halo + -(-second.halo // first.upscale), upscale=first.upscale * second.upscale,
-                      scale=first.scale, slot_scales=scales)
-
-
-def checkpointed(stages: list[LocalStage]) -> list[LocalStage]:
-    """The stages exact tiling stores the inputs of: the last stage joins the one before it when that one
-    upsamples, so no full-frame tensor at the highest resolution is stored (with its gradient buffer, the
-    largest boundary), for a wider halo on the joined stage."""
-    if len(stages) >= 2 and stages[-2].upscale > 1:
-        return [*stages[:-2], chain(stages[-2], stages[-1])]
-    return list(stages)
 
 
 @dataclass
@@ -157,22 +125,18 @@ class _ExactTiles(torch.autograd.Function):
             for rows in spans(h, core_h, stage.halo):
                 for cols in spans(w, core_w, stage.halo):
                     y, values = stage.run(x[..., rows.crop, cols.crop],
-                                          [_crop(value_of(j), scaled(rows.crop, stage.slot_scale(i)),
-                                                 scaled(cols.crop, stage.slot_scale(i)))
-                                           for i, j in enumerate(stage.slots)])
+                                          [_crop(value_of(j), rows.crop, cols.crop) for j in stage.slots])
                     if out is None:
                         out = y.new_empty((*y.shape[:-2], h * u, w * u))
                     out[..., scaled(rows.core, u), scaled(cols.core, u)] = \
                         y[..., rows.core_in_crop(u), cols.core_in_crop(u)]
-                    for i, (j, v) in enumerate(zip(stage.slots, values)):
+                    for j, v in zip(stage.slots, values):
                         if not isinstance(v, torch.Tensor):
                             spec.markers[j] = v
                             continue
-                        r = stage.slot_scale(i)
                         if j not in new_slots:
-                            new_slots[j] = v.new_empty((*v.shape[:-2], h * r, w * r))
-                        new_slots[j][..., scaled(rows.core, r), scaled(cols.core, r)] = \
-                            v[..., rows.core_in_crop(r), cols.core_in_crop(r)]
+                            new_slots[j] = v.new_empty((*v.shape[:-2], h, w))
+                        new_slots[j][..., rows.core, cols.core] = v[..., rows.core_in_crop(), cols.core_in_crop()]
             x = out
         spec.out_slots = sorted(new_slots)
         ctx.spec = spec
@@ -210,40 +174,37 @@ class _ExactTiles(torch.autograd.Function):
                 for cols in spans(w, core_w, stage.halo):
                     cot_out = None if grad_out is None else grad_out[..., scaled(rows.core, u), scaled(cols.core, u)]
                     cot_slots = [None if out_grad_of.get(j) is None else
-                                 out_grad_of[j][..., scaled(rows.core, stage.slot_scale(i)),
-                                                scaled(cols.core, stage.slot_scale(i))]
-                                 for i, j in enumerate(stage.slots)]
+                                 out_grad_of[j][..., rows.core, cols.core] for j in stage.slots]
                     if cot_out is None and all(c is None for c in cot_slots):
                         continue
                     with _recompute_context(ctx):
                         x_leaf = x_s[..., rows.crop, cols.crop].detach().requires_grad_(need_x)
                         leaves, wrt_slots = [], []
-                        for i, j in enumerate(stage.slots):
+                        for j in stage.slots:
                             entry = spec.slot_inputs[j]
                             if not isinstance(entry, tuple):
                                 leaves.append(entry)
                                 continue
                             k = entry[1]
-                            window = (scaled(rows.crop, stage.slot_scale(i)), scaled(cols.crop, stage.slot_scale(i)))
-                            leaf = slot_tensors[k][(..., *window)].detach().requires_grad_(slot_needs[k])
+                            leaf = slot_tensors[k][..., rows.crop, cols.crop].detach().requires_grad_(slot_needs[k])
                             if slot_needs[k]:
-                                wrt_slots.append((k, leaf, window))
+                                wrt_slots.append((k, leaf))
                             leaves.append(leaf)
                         y, values = stage.run(x_leaf, leaves)
                         outputs, cotangents = [], []
                         if cot_out is not None:
                             outputs.append(y[..., rows.core_in_crop(u), cols.core_in_crop(u)])
                             cotangents.append(cot_out)
-                        for i, (v, c) in enumerate(zip(values, cot_slots)):
+                        for v, c in zip(values, cot_slots):
                             if c is not None and isinstance(v, torch.Tensor) and v.requires_grad:
-                                r = stage.slot_scale(i)
-                                outputs.append(v[..., rows.core_in_crop(r), cols.core_in_crop(r)])
+                                outputs.append(v[..., rows.core_in_crop(), cols.core_in_crop()])
                                 cotangents.append(c)
-                        wrt = ([x_leaf] if need_x else []) + [leaf for _, leaf, _ in wrt_slots] + trainable
+                        wrt = ([x_leaf] if need_x else []) + [leaf for _, leaf in wrt_slots] + trainable
                         if not outputs or not wrt:
                             continue
                         grads = torch.autograd.grad(outputs, wrt, cotangents, allow_unused=True)
-                    acc.add(grads, (rows.crop, cols.crop), [(k, window) for k, _, window in wrt_slots])
+                    window = (rows.crop, cols.crop)
+                    acc.add(grads, window, [(k, window) for k, _ in wrt_slots])
             grad_out = acc.main
         return (None, grad_out, *slot_grads, *param_grads)
 
@@ -447,7 +408,6 @@ class TiledAdapter(DecoderAdapter):
             else:
                 slot_inputs.append(value)
         params = self._trainable(modules)
-        stages = checkpointed(stages)
         cores = []
         for stage in stages:
             cores.append(tuple(max(-(-t // stage.scale), MIN_CORE_HALOS * stage.halo, 1) for t in self.tile))
@@ -484,5 +444,5 @@ def tiled(adapter: DecoderAdapter, tile: tuple[int, int], mode: str, spatial_fac
     return TiledAdapter(adapter, tile, mode, spatial_factor, halo)
 
 
-__all__ = ["LocalStage", "MIN_CORE_HALOS", "Span", "TILE_GRADS", "TiledAdapter", "chain", "checkpointed", "spans",
-           "supports_exact_tiling", "tiled"]
+__all__ = ["LocalStage", "MIN_CORE_HALOS", "Span", "TILE_GRADS", "TiledAdapter", "spans", "supports_exact_tiling",
+           "tiled"]
