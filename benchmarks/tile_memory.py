@@ -65,7 +65,17 @@ def measure(vae, latents, target, size: int, tile, tile_grad: str, d_trunc: int,
     parts = collections.Counter()
     for nbytes, shape, op in live.at_peak:
         parts[_category(shape, op, size, latents.shape[-1])] += nbytes
-    return live.peak, parts
+    return live.peak, parts, live.at_peak
+
+
+def largest(at_peak, count: int) -> list[str]:
+    """The `count` largest groups of equal (shape, op) among the tensors live at the peak."""
+    groups = collections.defaultdict(lambda: [0, 0])
+    for nbytes, shape, op in at_peak:
+        groups[(shape, op)][0] += nbytes
+        groups[(shape, op)][1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:count]
+    return [f"    {n / MIB:7.1f} MiB  {k:3d} x {shape}  from {op}" for (shape, op), (n, k) in ranked]
 
 
 CATEGORIES = ("full frame: tiled step's buffers", "full frame: gradient buffers", "full frame: other",
@@ -81,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--d-trunc", type=int, default=1)
     parser.add_argument("--schedule", default="chunked")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--list", type=int, default=0, metavar="N",
+                        help="also print the N largest groups of tensors live at each peak")
     parser.add_argument("--results", help="markdown file whose tile-memory section is replaced")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,11 +104,14 @@ def main(argv=None) -> int:
         untiled = None
         for label, tile, mode in (("untiled", None, None), (f"exact tile {args.tile}", args.tile, "exact"),
                                   (f"truncated tile {args.tile} halo {args.halo}", args.tile, "truncated")):
-            peak, parts = measure(vae, latents, target, size, tile, mode, args.d_trunc, args.schedule, args.halo)
+            peak, parts, at_peak = measure(vae, latents, target, size, tile, mode, args.d_trunc, args.schedule,
+                                           args.halo)
             untiled = peak if tile is None else untiled
             cells = " | ".join(f"{parts[c] / MIB:.0f}" for c in CATEGORIES)
             lines.append(f"| {size} | {label} | {peak / MIB:.0f} | {peak / untiled:.2f}x | {cells} |")
             print(lines[-1], flush=True)
+            if args.list:
+                print("\n".join(largest(at_peak, args.list)), flush=True)
     header = (f"Default model, {args.frames} frames, {args.schedule} d_trunc={args.d_trunc}, peak of live tensor "
               f"storages in MiB and its parts at the peak, torch {torch.__version__}, {platform.machine()}. "
               f"Command: `python benchmarks/tile_memory.py --frames {args.frames} --sizes "

@@ -23,11 +23,13 @@ def test_replace_section_appends_then_replaces(tmp_path):
     assert "second" in text and "first" not in text
 
 
-def test_tile_memory_breakdown(tmp_path):
+def test_tile_memory_breakdown(tmp_path, capsys):
     script = load_script("tile_memory", folder="benchmarks")
     results = tmp_path / "RESULTS.md"
-    assert script.main(["--frames", "5", "--sizes", "32", "64", "--tile", "16", "--halo", "8",
+    assert script.main(["--frames", "5", "--sizes", "32", "64", "--tile", "16", "--halo", "8", "--list", "3",
                         "--results", str(results)]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if " MiB " in line and " from " in line]
+    assert len(listed) == 3 * 6
     rows = _rows(results.read_text(), 4 + len(script.CATEGORIES))
     assert [(r[0], r[1].split()[0]) for r in rows] == [(s, m) for s in ("32", "64")
                                                       for m in ("untiled", "exact", "truncated")]
