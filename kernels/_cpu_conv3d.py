@@ -23,12 +23,16 @@ import torch.nn.functional as F
 NATIVE_CONV_MAX_SIZE = 20480
 
 
+def _triple(value) -> tuple[int, int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+
+
 def _row_bands(x_pad: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
                groups: int) -> Optional[tuple[int, int]]:
     """(rows per band, output rows) when the conv should run as two row bands, else None."""
     if x_pad.device.type != "cpu" or x_pad.dtype != torch.float32 or x_pad.dim() != 5 or x_pad.shape[0] != 1:
         return None
-    if groups != 1 or tuple(stride)[1] != 1 or tuple(dilation)[1] != 1:
+    if groups != 1 or _triple(stride)[1] != 1 or _triple(dilation)[1] != 1:
         return None
     k_h, k_w = weight.shape[-2:]
     if k_h == k_w == 1 or (k_h > 3 and k_w > 3):  # PyTorch's choice there is the fast one already
@@ -61,16 +65,18 @@ def conv3d_backward(grad_out: torch.Tensor, x_pad: torch.Tensor, weight: torch.T
     bands = _row_bands(x_pad, weight, stride, dilation, groups)
     bias_sizes = [weight.shape[0]] if has_bias else None
     if bands is None:
-        return torch.ops.aten.convolution_backward(grad_out, x_pad, weight, bias_sizes, list(stride), [0, 0, 0],
-                                                   list(dilation), False, [0, 0, 0], groups, list(output_mask))
+        return torch.ops.aten.convolution_backward(grad_out, x_pad, weight, bias_sizes, list(_triple(stride)),
+                                                   [0, 0, 0], list(_triple(dilation)), False, [0, 0, 0], groups,
+                                                   list(output_mask))
     rows, out_rows = bands
     k_h = weight.shape[-2]
     lower = grad_out[:, :, :, out_rows - rows:].clone()
     lower[:, :, :, : 2 * rows - out_rows] = 0  # rows the upper band owns
     grad_pair = torch.cat([grad_out[:, :, :, :rows], lower])
     pair = torch.cat([x_pad[:, :, :, : rows + k_h - 1], x_pad[:, :, :, out_rows - rows:]])
-    g_pair, g_w, g_b = torch.ops.aten.convolution_backward(grad_pair, pair, weight, bias_sizes, list(stride),
-                                                           [0, 0, 0], list(dilation), False, [0, 0, 0], groups,
+    g_pair, g_w, g_b = torch.ops.aten.convolution_backward(grad_pair, pair, weight, bias_sizes,
+                                                           list(_triple(stride)), [0, 0, 0],
+                                                           list(_triple(dilation)), False, [0, 0, 0], groups,
                                                            list(output_mask))
     g_x = None
     if g_pair is not None:

@@ -78,3 +78,13 @@ def test_plain_path_elsewhere(case):
         x = x[:, :, :, :3]
     assert _row_bands(x, w, stride, (1, 1, 1), 1) is None
     torch.testing.assert_close(conv3d(x, w, b, stride, (1, 1, 1), 1), F.conv3d(x, w, b, stride, 0, 1, 1))
+
+
+def test_integer_stride_and_dilation():
+    x, w, b = _inputs((1, 3, 3, 8, 6), (4, 3, 3, 3, 3))
+    torch.testing.assert_close(conv3d(x, w, b, 1, 1, 1), F.conv3d(x, w, b, 1, 0, 1, 1), rtol=1e-5, atol=1e-5)
+    g = torch.randn(1, 4, 1, 6, 4)
+    got = conv3d_backward(g, x, w, True, 1, 1, 1, [True, True, True])
+    want = conv3d_backward(g, x, w, True, (1, 1, 1), (1, 1, 1), 1, [True, True, True])
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_)
