@@ -18,7 +18,7 @@ import platform
 import torch
 
 import chopgrad
-from chopgrad.tools.bench.markdown import replace_section
+from chopgrad.tools.bench.markdown import publish_table
 from chopgrad.tools.bench.workloads import load_model, make_inputs
 from chopgrad.tools.metrics import gradient_fidelity
 
@@ -66,10 +66,7 @@ def main(argv=None) -> int:
               f"torch {torch.__version__}, {platform.machine()}. Command: `python benchmarks/tile_fidelity.py "
               f"--frames {args.frames} --size {args.size} --tiles {' '.join(map(str, args.tiles))} "
               f"--halos {' '.join(map(str, args.halos))}`.")
-    table = "\n".join([header, "", *lines])
-    print("\n" + table)
-    if args.results:
-        replace_section(args.results, "tile_fidelity", table, heading="Spatial tiling: fidelity of the truncated mode")
+    publish_table(header, lines, args.results, "tile_fidelity", heading="Spatial tiling: fidelity of the truncated mode")
     return 0
 
 

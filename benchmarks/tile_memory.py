@@ -30,7 +30,7 @@ import torch
 
 import chopgrad
 from chopgrad.tools.bench.memory import PeakLiveBytes
-from chopgrad.tools.bench.markdown import replace_section
+from chopgrad.tools.bench.markdown import publish_table
 from chopgrad.tools.bench.workloads import load_model, make_inputs
 
 MIB = 2**20
@@ -116,10 +116,7 @@ def main(argv=None) -> int:
               f"storages in MiB and its parts at the peak, torch {torch.__version__}, {platform.machine()}. "
               f"Command: `python benchmarks/tile_memory.py --frames {args.frames} --sizes "
               f"{' '.join(map(str, args.sizes))} --tile {args.tile} --halo {args.halo}`.")
-    table = "\n".join([header, "", *lines])
-    print("\n" + table)
-    if args.results:
-        replace_section(args.results, "tile_memory", table, heading="Spatial tiling: where the peak goes")
+    publish_table(header, lines, args.results, "tile_memory", heading="Spatial tiling: where the peak goes")
     return 0
 
 

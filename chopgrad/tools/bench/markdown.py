@@ -24,3 +24,13 @@ def replace_section(path: str, name: str, body: str, heading: Optional[str] = No
         text = text.rstrip("\n") + "\n\n" + (f"## {heading}\n\n" if heading else "") + section + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def publish_table(header: str, lines: list[str], results: Optional[str], name: str, heading: str) -> str:
+    """The table (`header`, a blank line, the markdown `lines`), printed and, when `results` names a file, put
+    into its `name` section."""
+    table = "\n".join([header, "", *lines])
+    print("\n" + table)
+    if results:
+        replace_section(results, name, table, heading=heading)
+    return table
