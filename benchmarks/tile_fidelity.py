@@ -66,7 +66,8 @@ def main(argv=None) -> int:
               f"torch {torch.__version__}, {platform.machine()}. Command: `python benchmarks/tile_fidelity.py "
               f"--frames {args.frames} --size {args.size} --tiles {' '.join(map(str, args.tiles))} "
               f"--halos {' '.join(map(str, args.halos))}`.")
-    publish_table(header, lines, args.results, "tile_fidelity", heading="Spatial tiling: fidelity of the truncated mode")
+    publish_table(header, lines, args.results, "tile_fidelity",
+                  heading="Spatial tiling: fidelity of the truncated mode")
     return 0
 
 
