@@ -126,15 +126,28 @@ struct GradTargets {
   std::vector<at::Tensor> leaves;
 };
 
+// The dtype gradients are summed in: each backward call's contribution is
+// already rounded to the tensor's own dtype, so summing a dozen of them in
+// bf16 or fp16 would add one more rounding per step (parameters summed over
+// many positions and steps lose the most); fp32 keeps one final rounding.
+at::ScalarType accumulation_dtype(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) ? at::kFloat : dtype;
+}
+
+at::Tensor zeros_for_accumulation(const at::Tensor& t) {
+  return at::zeros_like(t, t.options().dtype(accumulation_dtype(t)), at::MemoryFormat::Contiguous);
+}
+
 class Accumulator {
  public:
   Accumulator(const at::Tensor& latents, const std::vector<at::Tensor>& params, const Plan& plan)
       : plan_(plan), latents_need_grad_(latents.requires_grad()) {
-    if (latents_need_grad_) grad_latents_ = at::zeros_like(latents, at::MemoryFormat::Contiguous);
+    if (latents_need_grad_) grad_latents_ = zeros_for_accumulation(latents);
     for (const auto& p : params) {
       if (p.requires_grad()) {
         trainable_.push_back(p);
-        grad_params_.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+        grad_params_.push_back(zeros_for_accumulation(p));
         param_index_.push_back(static_cast<int64_t>(grad_params_.size()) - 1);
       } else {
         param_index_.push_back(-1);
@@ -476,6 +489,10 @@ class TruncatedLoss : public torch::autograd::Function<TruncatedLoss> {
     saved.push_back(acc.grad_latents());
     for (const auto& gp : acc.grad_params()) saved.push_back(gp);
     ctx->save_for_backward(saved);
+    // the gradients are summed in fp32 for bf16/fp16 inputs; backward hands each back in its input's dtype
+    std::vector<int64_t> input_dtypes{static_cast<int64_t>(latents.scalar_type())};
+    for (const auto& p : params) input_dtypes.push_back(static_cast<int64_t>(p.scalar_type()));
+    ctx->saved_data["input_dtypes"] = input_dtypes;
     if (!totals.value.defined()) return at::zeros({}, latents.options().dtype(at::kFloat));
     return totals.value;
   }
@@ -489,10 +506,15 @@ class TruncatedLoss : public torch::autograd::Function<TruncatedLoss> {
                 "and carries no graph, so create_graph=True (e.g. a gradient penalty) would silently get zero "
                 "second-order terms. Use create_graph=False.");
     auto saved = ctx->get_saved_variables();
+    const auto input_dtypes = ctx->saved_data["input_dtypes"].toIntVector();
     const at::Tensor& go = grad_outputs[0];
     torch::autograd::variable_list result;
     result.reserve(saved.size() + 1);
-    for (const auto& g : saved) result.push_back(g.defined() ? g * go.to(g.scalar_type()) : at::Tensor());
+    for (size_t i = 0; i < saved.size(); ++i) {
+      const at::Tensor& g = saved[i];
+      result.push_back(g.defined() ? (g * go.to(g.scalar_type())).to(static_cast<at::ScalarType>(input_dtypes[i]))
+                                   : at::Tensor());
+    }
     result.emplace_back();  // the engine core is not differentiable
     return result;
   }

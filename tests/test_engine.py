@@ -248,3 +248,33 @@ print(raised(lambda: ext.Engine(adapter.step, lambda g, f, n: f.sum(), [0, 1], [
         "ValueError: group_bounds must run from 0 to the latent frame count 5",
         "ValueError: schedule must be 'sliding', 'chunked' or 'sliding_recompute', got 'zigzag'",
     ], run.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("schedule", ["sliding", "chunked"])
+def test_low_precision_gradients_are_summed_over_steps_in_fp32(dtype, schedule):
+    """Each step adds a small term to a large running gradient. Summed in bf16/fp16 the small terms would be
+    rounded away one by one; summed in fp32 the result is the fp32 total rounded once."""
+    steps = 48
+    weight = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    latents = torch.zeros(1, 4, steps, 1, 1, dtype=dtype)
+    latents[:, :, 0] = 1.0
+    latents[:, :, 1:] = 2.0 ** -12
+
+    def step(index, group, state):
+        return (group * weight.view(1, 4, 1, 1, 1)), state
+
+    adapter = chopgrad.FunctionalAdapter(step, latent_channels=4, out_channels=4, frames_out=1,
+                                         parameters=[weight])
+    latents.requires_grad_(True)
+    loss = chopgrad.pixel_loss(adapter, latents, torch.zeros_like(latents), loss="l1", reduction="sum",
+                               d_trunc=0, schedule=schedule)
+    loss.backward()
+    # d loss / d weight = the sum of the latents of every step (all positive): 1 + 47 * 2**-12 in exact arithmetic
+    exact = 1.0 + (steps - 1) * 2.0 ** -12
+    assert weight.grad.dtype == dtype and latents.grad.dtype == dtype
+    torch.testing.assert_close(weight.grad, torch.full((4,), exact).to(dtype), rtol=0, atol=0)
+    naive = torch.tensor(1.0, dtype=dtype)
+    for _ in range(steps - 1):
+        naive = naive + torch.tensor(2.0 ** -12, dtype=dtype)
+    assert naive.item() != torch.tensor(exact).to(dtype).item()  # the small terms really are lost in low precision
