@@ -49,25 +49,27 @@ def test_forced_triton_on_cpu(monkeypatch):
             dispatch.use_triton(torch.zeros(2))
 
 
-def test_forced_triton_really_runs_the_kernel(monkeypatch):
-    """With the switch on, the public op must not fall back to the reference."""
+def test_the_switch_picks_the_path_on_every_device(monkeypatch):
+    """``1`` runs the Triton kernel and ``0`` the PyTorch reference, on CUDA and CPU tensors alike."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not dispatch.interpreter_ready():
         pytest.skip("Triton interpreter not active")
     from chopgrad.kernels import pixel_losses
 
-    def boom(*args, **kwargs):
-        raise AssertionError("reference path used")
-
-    monkeypatch.setattr(pixel_losses, "_pixel_loss_reference", boom)
-    monkeypatch.setenv(ENV_FORCE_TRITON, "1")
+    ran = []
+    real_triton, real_reference = pixel_losses._pixel_loss_triton, pixel_losses._pixel_loss_reference
+    monkeypatch.setattr(pixel_losses, "_pixel_loss_triton", lambda *a, **k: ran.append("triton") or real_triton(*a, **k))
+    monkeypatch.setattr(pixel_losses, "_pixel_loss_reference",
+                        lambda *a, **k: ran.append("reference") or real_reference(*a, **k))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(1, 2, 2, 4, 4, device=device)
-    sums, grad = kernels.pixel_loss_value_and_grad(x, torch.zeros_like(x), kind="mse")
-    torch.testing.assert_close(grad, 2 * x)
-    monkeypatch.setenv(ENV_FORCE_TRITON, "0")
-    with pytest.raises(AssertionError, match="reference path used"):
-        kernels.pixel_loss_value_and_grad(x, torch.zeros_like(x), kind="mse")
+    for switch, path in (("1", "triton"), ("0", "reference"), ("1", "triton")):
+        monkeypatch.setenv(ENV_FORCE_TRITON, switch)
+        ran.clear()
+        sums, grad = kernels.pixel_loss_value_and_grad(x, torch.zeros_like(x), kind="mse")
+        assert ran == [path], f"{ENV_FORCE_TRITON}={switch} on {device} ran {ran}, expected [{path!r}]"
+        torch.testing.assert_close(grad, 2 * x)
+        torch.testing.assert_close(sums, x.square().sum(dim=(1, 3, 4)))
 
 
 def test_fused_ops_available_reports_every_op(monkeypatch):

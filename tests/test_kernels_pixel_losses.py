@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chopgrad.kernels import fused_pixel_loss, pixel_loss_frames, pixel_loss_value_and_grad
+from chopgrad.kernels import ENV_FORCE_TRITON, fused_pixel_loss, pixel_loss_frames, pixel_loss_value_and_grad
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -173,14 +173,35 @@ def test_values_only_and_autograd_wrapper(backend, kernel_device):
     torch.testing.assert_close(p.grad, p2.grad, rtol=1e-5, atol=1e-8)
 
 
-def test_autograd_wrapper_saves_only_the_gradient():
+def test_autograd_wrapper_saves_only_the_gradient(monkeypatch):
+    monkeypatch.delenv(ENV_FORCE_TRITON, raising=False)
+    pred, target, mask = _data("cpu")
+    p = pred.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fused_pixel_loss(p, target, mask, kind={"charbonnier": 1.0, "mse": 0.5}, reduction="sum")
+    assert len(saved) == 1 and saved[0].shape == pred.shape
+    loss.backward()
+
+
+def test_plain_mse_keeps_only_what_the_caller_holds(monkeypatch):
+    """Unmasked, unclamped MSE runs as F.mse_loss under autograd: it saves pred and target themselves, not a
+    gradient-sized tensor of its own, and gives the fused op's values and gradient."""
+    monkeypatch.delenv(ENV_FORCE_TRITON, raising=False)
     pred, target, _ = _data("cpu")
     p = pred.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = fused_pixel_loss(p, target, kind="mse", reduction="sum")
-    assert len(saved) == 1 and saved[0].shape == pred.shape
-    loss.backward()
+        loss = fused_pixel_loss(p, target, kind={"mse": 0.5}, reduction="none")
+    assert saved and {t.untyped_storage().data_ptr() for t in saved} <= {p.untyped_storage().data_ptr(),
+                                                                        target.untyped_storage().data_ptr()}
+    assert loss.dtype == torch.float32 and loss.shape == (pred.shape[0], pred.shape[2])
+    weights = torch.linspace(0.5, 2.0, loss.numel()).view_as(loss)
+    (loss * weights).sum().backward()
+    sums, grad = pixel_loss_value_and_grad(pred, target, kind={"mse": 0.5},
+                                           grad_scale=weights.repeat_interleave(1, 0))
+    torch.testing.assert_close(loss.detach(), sums)
+    torch.testing.assert_close(p.grad, grad)
 
 
 def test_float64_reference():
