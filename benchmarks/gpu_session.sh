@@ -34,7 +34,11 @@
 # default model: use it on a scratch copy).
 #
 # The python that runs it is $PYTHON (default python3) and must already have
-# torch with CUDA, triton and the packages in pyproject.toml.
+# torch with CUDA and triton. Python packages the machine lacks (a GPU image
+# often has no diffusers, PyAV or pytorch-msssim) travel as wheels in
+# $WHEELS (default .whl, filled by benchmarks/gpu_wheels.sh on a machine with
+# an index): they are installed into a folder of their own, put first on
+# PYTHONPATH, and nothing already installed is replaced.
 set -u
 OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR [TRAIN_SECONDS]}
 TRAIN_SECONDS=${2:-0}
@@ -51,6 +55,17 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to OUT_DIR/
     timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     stamp "end $name rc=$?"
 }
+
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    SITE=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl \
+        >"$OUT_DIR/wheels.log" 2>&1 || { stamp "installing the wheels in $WHEELS failed (see wheels.log)"; exit 1; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    stamp "installed $(ls "$WHEELS"/*.whl | wc -l) carried wheels from $WHEELS"
+fi
+"$PY" -c "import diffusers, av, pytorch_msssim" >>"$OUT_DIR/session.log" 2>&1 \
+    || stamp "missing packages: the tests that need them will fail (benchmarks/gpu_wheels.sh fetches them)"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT_DIR/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >>"$OUT_DIR/gpu.txt" 2>&1
