@@ -277,20 +277,29 @@ def test_bf16_patched_decode_is_as_accurate_as_eager(name, device, no_tf32):
     Both are compared with an fp32 decode of the same (bf16-rounded) weights
     and latents. A direct patched-vs-eager comparison would mostly measure the
     eager path's own bf16 rounding (on an H200, 4 of 35k outputs differed by
-    up to 0.07).
+    up to 0.07). Each path rounds in different places, so each parameter's
+    gradient gets its own draw of rounding noise: two valid bf16 paths (the
+    eager decoder with oneDNN or with PyTorch's native convolutions) differ by
+    more than 2x on single gradients, depending on the CPU's kernel choice.
+    The gradient errors are therefore pooled over seeds and gradients, and each
+    one is bounded far below a wrong gradient path's (errors near 1);
+    tests/test_bf16_accuracy.py compares each fused op on identical inputs.
     """
-    vae = make_vae(name).to(device, torch.bfloat16)
-    z = latents().to(device, torch.bfloat16)
-    oracle = copy.deepcopy(vae).float()
-    want_out, want_grads = decode_and_grads(oracle, z.float())
-    eager_out, eager_grads = decode_and_grads(vae, z)
-    patch(vae)
-    out, grads = decode_and_grads(vae, z)
-    # Both paths round to bf16 at every op boundary, in different places: allow
-    # twice the eager error (+1e-3 for a near-exact eager result); a wrong
-    # gradient path gives errors ~1. On CPU the ratio is 0.19-1.81.
-    eager_err = _relative_error(eager_out, want_out)
-    assert _relative_error(out, want_out) <= 2 * eager_err + 1e-3, (eager_err, _relative_error(out, want_out))
-    # latents' gradient, then every decoder parameter's
-    for g, e, w in zip(grads, eager_grads, want_grads):
-        assert _relative_error(g, w) <= 2 * _relative_error(e, w) + 1e-3, (_relative_error(e, w), _relative_error(g, w))
+    patched_errors, eager_errors = [], []
+    for seed in range(3):
+        vae = make_vae(name, seed=seed).to(device, torch.bfloat16)
+        z = latents(seed=seed + 1).to(device, torch.bfloat16)
+        oracle = copy.deepcopy(vae).float()
+        want_out, want_grads = decode_and_grads(oracle, z.float())
+        eager_out, eager_grads = decode_and_grads(vae, z)
+        patch(vae)
+        out, grads = decode_and_grads(vae, z)
+        eager_err = _relative_error(eager_out, want_out)
+        assert _relative_error(out, want_out) <= 2 * eager_err + 1e-3, (eager_err, _relative_error(out, want_out))
+        # latents' gradient, then every decoder parameter's
+        for i, (g, e, w) in enumerate(zip(grads, eager_grads, want_grads)):
+            g_err, e_err = _relative_error(g, w), _relative_error(e, w)
+            assert g_err <= 2 * e_err + 0.05, f"seed {seed}, gradient {i}: patched {g_err:.4f}, eager {e_err:.4f}"
+            patched_errors.append(g_err)
+            eager_errors.append(e_err)
+    assert sum(patched_errors) <= 1.1 * sum(eager_errors), (sum(patched_errors), sum(eager_errors))
