@@ -29,12 +29,32 @@ class Clamp(IntEnum):
     POST = 1
     """``pred`` is post-clamp: zero gradient where ``|pred| >= 1``."""
     PRE = 2
-    """``pred`` is the raw output: clamp inside, exact ``torch.clamp`` gradient."""
+    """``pred`` is the raw output: clamp inside, exact ``torch.clamp`` gradient (see :data:`CLAMP_PASSES_BOUNDS`)."""
 
+
+def _torch_clamp_passes_gradient_at_its_bounds() -> bool:
+    """Whether ``torch.clamp`` passes the gradient where its input equals a bound (torch <= 2.13: yes; 2.14: no)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([-1.0, 1.0], requires_grad=True)
+        (grad,) = torch.autograd.grad(torch.clamp(x, -1.0, 1.0).sum(), x)
+    return bool(grad.all())
+
+
+CLAMP_PASSES_BOUNDS = _torch_clamp_passes_gradient_at_its_bounds()
+"""The ``"pre"`` clamp's gradient where the raw output is exactly -1 or 1: the installed torch's own
+``torch.clamp`` rule, so the fused ops match autograd through the model's clamp on every supported torch."""
 
 # Triton kernels may read module globals only when they are ``tl.constexpr``.
 CLAMP_NONE = tl.constexpr(int(Clamp.NONE))
 CLAMP_PRE = tl.constexpr(int(Clamp.PRE))
+CLAMP_PRE_PASSES_BOUNDS = tl.constexpr(CLAMP_PASSES_BOUNDS)
+
+
+def clamp_passes(raw: torch.Tensor) -> torch.Tensor:
+    """Where ``torch.clamp(raw, -1, 1)`` passes the gradient (the reference paths' ``"pre"`` rule)."""
+    if CLAMP_PASSES_BOUNDS:
+        return (raw >= -1.0) & (raw <= 1.0)
+    return (raw > -1.0) & (raw < 1.0)
 
 
 def parse_clamp(clamp: ClampSpec) -> Clamp:

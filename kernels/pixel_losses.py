@@ -40,8 +40,10 @@ Clamp rules (the decoder's output is ``clamp(out, -1, 1)``):
   exact +-1 pre-clamp values).
 * ``clamp="pre"``: ``pred`` holds the *raw* decoder output.  The op clamps it
   itself (the loss value is that of ``clamp(pred, -1, 1)``) and the gradient
-  is the exact ``torch.clamp`` gradient (passed where ``-1 <= pred <= 1``,
-  bounds included) with respect to the raw output.  This matches
+  is the exact ``torch.clamp`` gradient with respect to the raw output:
+  passed where ``-1 < pred < 1``, and at exactly -1 or 1 as the installed
+  torch's ``torch.clamp`` does (passed up to torch 2.13, not from 2.14 on;
+  ``chopgrad.kernels._args.CLAMP_PASSES_BOUNDS``).  This matches
   ``loss(torch.clamp(pred, -1, 1))`` under autograd bit-for-bit in its mask
   and saves the engine the separate clamp pass.
 
@@ -52,13 +54,14 @@ elementwise loss and gradient are multiplied by the mask value (a weight).
 
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import List, Mapping, Union  # List: torch 2.6 infers custom op schemas from typing.List only
 
 import torch
 import torch.nn.functional as F
 
-from ._args import (CLAMP_NONE, CLAMP_PRE, Clamp, ClampSpec, GradScale, OutGrad, check_grad_scale, merge_grad_scale,
-                    parse_clamp, register_value_and_grad_autograd, resolve_out, split_grad_scale)
+from ._args import (CLAMP_NONE, CLAMP_PRE, CLAMP_PRE_PASSES_BOUNDS, Clamp, ClampSpec, GradScale, OutGrad,
+                    check_grad_scale, clamp_passes, merge_grad_scale, parse_clamp, register_value_and_grad_autograd,
+                    resolve_out, split_grad_scale)
 from ._dispatch import check_float_tensor, check_same, force_mode, tl, triton, triton_kernel, use_triton
 
 LOSS_KINDS = ("l1", "mse", "charbonnier", "huber")
@@ -118,7 +121,10 @@ def _pixel_loss_kernel(
         t = tl.load(tp, mask=inb, other=0.0).to(tl.float32)
         if CLAMP == CLAMP_PRE:
             pv = tl.minimum(tl.maximum(p, -1.0), 1.0)
-            passes = (p >= -1.0) & (p <= 1.0)
+            if CLAMP_PRE_PASSES_BOUNDS:
+                passes = (p >= -1.0) & (p <= 1.0)
+            else:
+                passes = (p > -1.0) & (p < 1.0)
         else:
             pv = p
             passes = tl.abs(p) < 1.0
@@ -261,7 +267,7 @@ def _pixel_loss_reference(pred, target, mask, weights, clamp_mode, delta, eps, g
         t = target.to(acc_dtype)
         if clamp_mode == Clamp.PRE:
             pv = p.clamp(-1.0, 1.0)
-            passes = (p >= -1.0) & (p <= 1.0)
+            passes = clamp_passes(p)
         else:
             pv = p
             passes = p.abs() < 1.0 if clamp_mode == Clamp.POST else None
@@ -342,7 +348,7 @@ def _compute(pred, target, mask, kinds, weights, clamp, delta, eps, grad_scale, 
 
 @torch.library.custom_op("chopgrad::pixel_loss_value_and_grad", mutates_args=())
 def _pixel_loss_value_and_grad_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
-                                  kinds: list[int], weights: list[float], clamp: int, delta: float, eps: float,
+                                  kinds: List[int], weights: List[float], clamp: int, delta: float, eps: float,
                                   grad_scale_frames: torch.Tensor | None,
                                   grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per-frame sums, gradient)``; the loss is ``sum(w * LOSS_KINDS[k])`` over ``zip(kinds, weights)``."""
@@ -362,7 +368,7 @@ register_value_and_grad_autograd(_pixel_loss_value_and_grad_op, num_inputs=10)
 
 @torch.library.custom_op("chopgrad::pixel_loss_value_and_grad_out", mutates_args=("out",))
 def _pixel_loss_value_and_grad_out_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
-                                      kinds: list[int], weights: list[float], clamp: int, delta: float, eps: float,
+                                      kinds: List[int], weights: List[float], clamp: int, delta: float, eps: float,
                                       grad_scale_frames: torch.Tensor | None, grad_scale: float,
                                       out: torch.Tensor) -> torch.Tensor:
     """Per-frame sums; the gradient is written to ``out`` (which may be ``pred`` itself: each element is read
@@ -379,8 +385,8 @@ def _(pred, target, mask, kinds, weights, clamp, delta, eps, grad_scale_frames, 
 
 
 @torch.library.custom_op("chopgrad::pixel_loss_frames", mutates_args=())
-def _pixel_loss_frames_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, kinds: list[int],
-                          weights: list[float], clamp: int, delta: float, eps: float) -> torch.Tensor:
+def _pixel_loss_frames_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, kinds: List[int],
+                          weights: List[float], clamp: int, delta: float, eps: float) -> torch.Tensor:
     """Per-frame sums only."""
     with torch.no_grad():
         return _compute(pred, target, mask, kinds, weights, clamp, delta, eps, 1.0, None, False)[0]

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import check_float_tensor, check_same, tl, triton, triton_kernel, use_triton
-from ._args import (CLAMP_NONE, CLAMP_PRE, Clamp, ClampSpec, GradScale, OutGrad, check_grad_scale, merge_grad_scale,
-                    parse_clamp, register_value_and_grad_autograd, resolve_out, split_grad_scale)
+from ._args import (CLAMP_NONE, CLAMP_PRE, CLAMP_PRE_PASSES_BOUNDS, Clamp, ClampSpec, GradScale, OutGrad,
+                    check_grad_scale, clamp_passes, merge_grad_scale, parse_clamp, register_value_and_grad_autograd,
+                    resolve_out, split_grad_scale)
 
 WIN_SIZE = 11
 WIN_SIGMA = 1.5
@@ -204,7 +205,10 @@ def _ssim_bwd_kernel(
     yv = tl.load(y_ptr + yo, mask=inb, other=0.0).to(tl.float32)
     if CLAMP == CLAMP_PRE:
         xv = tl.minimum(tl.maximum(xr, -1.0), 1.0)
-        passes = (xr >= -1.0) & (xr <= 1.0)
+        if CLAMP_PRE_PASSES_BOUNDS:
+            passes = (xr >= -1.0) & (xr <= 1.0)
+        else:
+            passes = (xr > -1.0) & (xr < 1.0)
     else:
         xv = xr
         passes = tl.abs(xr) < 1.0
@@ -326,7 +330,7 @@ def _ssim_reference(pred, target, clamp_mode, data_range, grad_scale, out, write
         full = _filter_valid(F.pad(abc, (k, k, k, k)), g1)
         g = full[:, 0:1] + 2 * x * full[:, 1:2] + y * full[:, 2:3]
         if clamp_mode == Clamp.PRE:
-            g = torch.where((xr >= -1) & (xr <= 1), g, 0.0)
+            g = torch.where(clamp_passes(xr), g, 0.0)
         elif clamp_mode == Clamp.POST:
             g = torch.where(xr.abs() < 1, g, 0.0)
         g = g.reshape(B, Fr, C, H, W).permute(0, 2, 1, 3, 4)
