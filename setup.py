@@ -6,8 +6,8 @@ torch first and build without build isolation:
     pip install torch                      # a version in the range that pyproject.toml declares
     pip install --no-build-isolation -e .
 
-The C++ standard is the one torch's cpp_extension chooses for the installed torch (C++20 for torch
-2.13 and 2.14), so no -std flag is set here.
+The C++ standard is the one torch's cpp_extension chooses for the installed torch (C++17 for torch
+2.6 to 2.11, C++20 for 2.13 and 2.14), so no -std flag is set here.
 """
 import os
 import sys

@@ -28,6 +28,7 @@ used by the fused norm op) -> custom ops ``torch.ops.chopgrad.causal_pad`` /
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List  # torch 2.6 infers custom op schemas from typing.List only, not list[int]
 
 import torch
 
@@ -162,7 +163,8 @@ def _causal_pad_fwd_kernel(
             v = tl.where(is_cache, vc, v)
         smask = live[None, :] & cok
         if SKIP_X:
-            smask = smask & ((~is_x) | (~inside))
+            # (no `~` on masks: the interpreter of triton 3.2 cannot invert a boolean)
+            smask = smask & (tl.where(is_x & inside, 0, 1) != 0)
         tl.store(out_ptr + (row * TP + j) * HP * WP + offs[None, :], v, mask=smask)
     else:
         # Names differ from the padded-frame branch: Triton requires a variable
@@ -173,7 +175,8 @@ def _causal_pad_fwd_kernel(
         w = offs % W
         sv = offs * 0 + (TC + TX - TN + k)
         from_c = (sv < TC)[None, :]
-        v = tl.load(xb + ((sv - TC).to(tl.int64) * xst + h * xsh + w * xsw)[None, :], mask=slot_live & (~from_c),
+        from_x = (sv >= TC)[None, :]
+        v = tl.load(xb + ((sv - TC).to(tl.int64) * xst + h * xsh + w * xsw)[None, :], mask=slot_live & from_x,
                     other=0.0)
         if HAS_CACHE:
             vc = tl.load(cb + (sv.to(tl.int64) * cst + h * csh + w * csw)[None, :], mask=slot_live & from_c,
@@ -209,7 +212,7 @@ def _causal_pad_bwd_kernel(
     is_c = sv < TC
     # padded frame of s (cache frames before TC - TCP were cropped)
     j = tl.where(is_c, TZ + sv - (TC - TCP), TZ + TCP + sv - TC)
-    in_out = ((~is_c) | (sv >= TC - TCP))[None, :]
+    in_out = (sv >= TC - TCP)[None, :]  # x's frames, and the cache frames that were not cropped
     c64 = cc[:, None].to(tl.int64)
     g = tl.load(gout_ptr + b.to(tl.int64) * osb + c64 * osc
                 + (j.to(tl.int64) * ost + (h + PH) * osh + (w + PW) * osw)[None, :],
@@ -365,7 +368,7 @@ def _(x, cache, time_pad, pad_h, pad_w, cache_t, emit_cache):
 
 
 @torch.library.custom_op("chopgrad::causal_pad_backward", mutates_args=())
-def _causal_pad_backward_op(gout: torch.Tensor | None, gnew: torch.Tensor | None, x_shape: list[int],
+def _causal_pad_backward_op(gout: torch.Tensor | None, gnew: torch.Tensor | None, x_shape: List[int],
                             cache_frames: int, time_pad: int, pad_h: int, pad_w: int, cache_t: int, need_x: bool,
                             need_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad x, grad cache)``, each an empty tensor when not asked for (or, for the cache, when it has no frames)."""

@@ -36,7 +36,7 @@ with PyTorch references ``_norm_forward_reference`` /
 
 from __future__ import annotations
 
-from typing import Union
+from typing import List, Union  # List: torch 2.6 infers custom op schemas from typing.List only
 
 import torch
 import torch.nn.functional as F
@@ -613,7 +613,7 @@ def _conv3d_in_dtype(x_pad, weight, conv_bias, stride, dilation, groups):
 def _rms_norm_silu_pad_conv3d_op(
     x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, cache: torch.Tensor | None,
     weight: torch.Tensor, conv_bias: torch.Tensor | None, bias_scalar: float, scale: float, eps: float,
-    time_pad: int, pad_h: int, pad_w: int, cache_t: int, emit_cache: bool, stride: list[int], dilation: list[int],
+    time_pad: int, pad_h: int, pad_w: int, cache_t: int, emit_cache: bool, stride: List[int], dilation: List[int],
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(conv output, next cache or empty, signed statistic)``; the padded input lives only inside."""
@@ -635,7 +635,7 @@ def _(x, gamma, bias, cache, weight, conv_bias, bias_scalar, scale, eps, time_pa
 def _rms_norm_silu_pad_conv3d_backward_op(
     x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, rstd: torch.Tensor, cache: torch.Tensor | None,
     weight: torch.Tensor, gout: torch.Tensor | None, gnew: torch.Tensor | None, bias_scalar: float, scale: float,
-    cache_frames: int, time_pad: int, pad_h: int, pad_w: int, cache_t: int, stride: list[int], dilation: list[int],
+    cache_frames: int, time_pad: int, pad_h: int, pad_w: int, cache_t: int, stride: List[int], dilation: List[int],
     groups: int, has_conv_bias: bool, need_x: bool, need_params: bool, need_cache: bool, need_weight: bool,
     need_conv_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

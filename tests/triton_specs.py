@@ -129,9 +129,13 @@ def compile_spec(spec: dict, arch: int = 90):
     from triton.runtime.jit import JITFunction
 
     fn = getattr(importlib.import_module(spec["module"]), spec["name"]).fn
-    signature = {name: kind for name, kind, _ in spec["params"]}
     constexprs = {name: value for name, kind, value in spec["params"] if kind == "constexpr"}
-    source = ASTSource(fn=JITFunction(fn), signature=signature, constexprs=constexprs)
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3: constexprs in the signature
+        signature = {name: kind for name, kind, _ in spec["params"]}
+        source = ASTSource(fn=JITFunction(fn), signature=signature, constexprs=constexprs)
+    else:  # triton 3.2 (torch 2.6): the signature lists the runtime arguments, `constants` the rest
+        signature = {name: kind for name, kind, _ in spec["params"] if kind != "constexpr"}
+        source = ASTSource(fn=JITFunction(fn), signature=signature, constants=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec["options"] or None)
 
 
