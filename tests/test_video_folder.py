@@ -5,6 +5,10 @@ index, so a decoded frame's index can be read back from its mean value despite l
 """
 from __future__ import annotations
 
+import gc
+import os
+import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -16,14 +20,11 @@ from torch.utils.data import DataLoader
 av = pytest.importorskip("av")
 
 from chopgrad.data import VideoFolder, read_video, save_comparison_grid, write_video  # noqa: E402
+from chopgrad.data.video_folder import VideoDecodeError  # noqa: E402
 from chopgrad.data.video_io import available_video_encoder  # noqa: E402
-
-LEVEL_OFFSET, LEVEL_STEP = 12, 6  # grey level of frame k: 12 + 6 k, distinct up to frame 40
-
-
-def grey_level(frame_index: int) -> int:
-    """Grey level encoding ``frame_index``; long files wrap around so levels stay in range."""
-    return LEVEL_OFFSET + LEVEL_STEP * (frame_index % 40)
+from video_files import (frame_indices, grey_level, irregular_timestamps_ms, packets_in_file_order,  # noqa: E402
+                         write_header_first_mp4, write_mp4_with_hidden_leading_frames, write_variable_rate_mp4,
+                         zero_packet_data)
 
 
 def encode_indexed_video(path: Path, frame_count: int, height: int, width: int, *, gop: int = 12,
@@ -47,12 +48,6 @@ def encode_rgb_frames(path: Path, frames: list, *, gop: int = 12, codec: str | N
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-def frame_indices(clip: torch.Tensor) -> list[int]:
-    """Frame indices (mod 40) encoded in a ``(3, F, H, W)`` clip in [-1, 1]."""
-    levels = ((clip + 1.0) * 127.5).mean(dim=(0, 2, 3))
-    return [int(round((float(v) - LEVEL_OFFSET) / LEVEL_STEP)) for v in levels]
 
 
 @pytest.fixture
@@ -223,9 +218,16 @@ def test_files_restricts_the_dataset_to_those_files(folder, tmp_path):
 
 def test_index_errors(folder):
     dataset = make_dataset(folder, frames=4, height=8, width=8, stride=2)
-    with pytest.raises(IndexError):
+    assert len(dataset) == 6
+    with pytest.raises(IndexError, match=r"clip index 6 out of range for 6 clips \(valid: -6 \.\. 5\)"):
         dataset[len(dataset)]
+    # A negative index is reported as the caller gave it, not after adding the length.
+    with pytest.raises(IndexError, match=r"clip index -7 out of range for 6 clips \(valid: -6 \.\. 5\)"):
+        dataset[-7]
+    with pytest.raises(IndexError, match=r"clip index -7 out of range"):
+        dataset.clip_location(-7)
     assert torch.equal(dataset[-1], dataset[len(dataset) - 1])
+    assert torch.equal(dataset[-6], dataset[0])
     with pytest.raises(ValueError, match="epoch"):
         dataset.set_epoch(-1)
 
@@ -308,3 +310,136 @@ def test_clips_equal_the_matching_frames_of_a_full_decode(tmp_path):
         expected = torch.nn.functional.interpolate(picked, size=(24, 32), mode="bilinear", antialias=True,
                                                    align_corners=False).clamp(-1, 1).transpose(0, 1)
         assert torch.allclose(dataset[index], expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- variable frame rates and damaged files
+
+
+def test_variable_frame_rate_mp4_gives_exactly_the_requested_frames(tmp_path):
+    # 40 frames with irregular gaps of 40..200 ms: the header's average rate says nothing about where a frame is.
+    timestamps = irregular_timestamps_ms(40)
+    path = write_variable_rate_mp4(tmp_path / "v" / "vfr.mp4", timestamps, 32, 32)
+    with av.open(str(path)) as container:  # the file holds those times, and a header frame count and rate
+        stream = container.streams.video[0]
+        assert stream.frames == 40 and stream.average_rate
+        written = sorted(float(p.pts * stream.time_base) for p in container.demux(stream) if p.size)
+    assert [round(seconds * 1000) for seconds in written] == timestamps
+    sequential = VideoFolder(tmp_path / "v", frames=3, height=32, width=32, stride=2)
+    assert len(sequential) == 6
+    for index in range(len(sequential)):
+        start = sequential.clip_location(index)[1]
+        assert frame_indices(sequential[index]) == [start, start + 2, start + 4], index
+    random = VideoFolder(tmp_path / "v", frames=3, height=32, width=32, stride=2, mode="random",
+                         clips_per_epoch=80, seed=0)
+    starts = set()
+    for index in range(80):
+        start = random.clip_location(index)[1]
+        starts.add(start)
+        assert frame_indices(random[index]) == [start, start + 2, start + 4], (index, start)
+    assert len(starts) > 20  # clips start all over the file, across many keyframe intervals
+    info = sequential.files[0]
+    assert info.num_frames == 40 and [round(float(pts * info.time_base) * 1000) for pts in info.frame_pts] == timestamps
+
+
+def test_frames_an_mp4_edit_list_hides_are_not_counted(tmp_path):
+    path = write_mp4_with_hidden_leading_frames(tmp_path / "v" / "cut.mp4", 3, 17, 32, 32)
+    with av.open(str(path)) as container:  # the header counts every coded frame, the decoder shows 17
+        assert container.streams.video[0].frames == 20
+    assert read_video(path).shape[1] == 17
+    dataset = VideoFolder(tmp_path / "v", frames=4, height=32, width=32)
+    assert dataset.files[0].num_frames == 17 and len(dataset) == 4
+    for index in range(4):
+        assert frame_indices(dataset[index]) == list(range(4 * index, 4 * index + 4)), index
+
+
+def test_a_seek_that_lands_after_the_clip_start_falls_back_to_an_earlier_keyframe(tmp_path, monkeypatch):
+    # A demuxer that seeks by decoding timestamps can land after the keyframe asked for; here the index itself
+    # points past the clip start, and the clip must still hold exactly its frames.
+    from chopgrad.data.video_folder import VideoFileInfo
+
+    encode_indexed_video(tmp_path / "v" / "a.mp4", 40, 16, 16, gop=8)
+    dataset = VideoFolder(tmp_path / "v", frames=3, height=16, width=16)
+    truthful = VideoFileInfo.keyframe_at_or_before
+    monkeypatch.setattr(VideoFileInfo, "keyframe_at_or_before", lambda self, index: truthful(self, index + 8))
+    # Both keyframes the patched index offers lie after frame 21 (keyframes are at most 8 apart); frame 0 does not.
+    assert frame_indices(dataset[7]) == [21, 22, 23]
+    assert dataset.last_clip_decoded_frames >= 24
+
+
+@pytest.mark.parametrize("cut", ["inside a packet", "between packets"])
+def test_truncated_mp4_is_skipped_with_a_warning_when_the_folder_is_opened(tmp_path, cut):
+    root = tmp_path / "v"
+    encode_indexed_video(root / "good.mp4", 12, 16, 16)
+    whole = write_header_first_mp4(tmp_path / "whole.mp4", 40, 32, 32)
+    packets = packets_in_file_order(whole)
+    offset, size, _ = packets[20]
+    end = offset + size // 2 if cut == "inside a packet" else offset
+    (root / "truncated.mp4").write_bytes(whole.read_bytes()[:end])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = VideoFolder(root, frames=4, height=16, width=16)
+    assert [Path(info.path).name for info in dataset.files] == ["good.mp4"]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "truncated.mp4" in message and "truncated" in message.split("truncated.mp4", 1)[1]
+    reason = dict(dataset.skipped)[str(root / "truncated.mp4")]
+    expected = "corrupt" if cut == "inside a packet" else "header lists 40 frames, the file holds 20"
+    assert expected in reason
+    # Alone in a folder it leaves no usable clip: the error counts it as unreadable and says why.
+    (root / "good.mp4").unlink()
+    with pytest.raises(ValueError, match=r"1 unreadable.*truncated\.mp4.*truncated"):
+        make_dataset(root, frames=4, height=16, width=16)
+
+
+def damaged_inside_a_packet(tmp_path) -> tuple[Path, VideoFolder]:
+    """A 24-frame mp4 whose 16th frame's data is zeroed (keyframes at 0 and 12): its index is intact."""
+    path = write_header_first_mp4(tmp_path / "v" / "damaged.mp4", 24, 32, 32, gop=12)
+    frame_pts = [pts for _, _, pts in packets_in_file_order(path)]
+    zero_packet_data(path, sorted(frame_pts)[15])
+    return path, VideoFolder(tmp_path / "v", frames=4, height=32, width=32)
+
+
+def test_damage_inside_a_packet_raises_the_promised_error_naming_the_file(tmp_path):
+    path, dataset = damaged_inside_a_packet(tmp_path)
+    assert dataset.skipped == [] and len(dataset) == 6  # demuxing cannot see damage inside a packet
+    assert frame_indices(dataset[0]) == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match=r"damaged\.mp4: cannot decode frames 16\.\.19") as caught:
+        dataset[4]  # frames 16..19, decoded from the keyframe at 12 through the damaged frame 15
+    assert isinstance(caught.value, VideoDecodeError) and caught.value.path == str(path)
+    assert caught.value.summary() == str(caught.value)
+    assert frame_indices(dataset[1]) == [4, 5, 6, 7]  # the file's other clips still read
+
+
+def test_decode_error_in_a_dataloader_worker_keeps_a_one_line_summary(tmp_path):
+    path, dataset = damaged_inside_a_packet(tmp_path)
+    loader = DataLoader(torch.utils.data.Subset(dataset, [4]), batch_size=1, num_workers=1)
+    with pytest.raises(VideoDecodeError) as caught:
+        list(loader)
+    assert "Traceback" in str(caught.value)  # the worker's traceback comes first
+    assert caught.value.summary().startswith(f"{path}: cannot decode frames 16..19")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (DataLoader workers fork on Linux)")
+def test_a_forked_worker_can_free_the_containers_it_inherits(tmp_path):
+    # A DataLoader worker forked after the parent read clips replaces (so frees) the parent's open containers.
+    # A decoder that had started worker threads would wait forever in the child for threads the fork did not copy.
+    write_header_first_mp4(tmp_path / "v" / "a.mp4", 24, 32, 32)
+    dataset = VideoFolder(tmp_path / "v", frames=4, height=32, width=32)
+    dataset[2]  # leaves an open container with a decoder in this process
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            ok = frame_indices(dataset[1]) == [4, 5, 6, 7]  # drops the inherited containers, opens its own
+            gc.collect()
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(child, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child hung while freeing the containers it inherited")

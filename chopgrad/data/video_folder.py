@@ -5,23 +5,27 @@
 resized with antialiasing and cropped to ``height x width``, as float32 tensors ``(3, frames, height, width)``
 in ``[-1, 1]`` (the pixel convention of diffusers video VAEs and of :mod:`chopgrad.data.synthetic`).
 
-Only the frames a clip needs are decoded: the container seeks backward to the keyframe at or before the clip's
-first frame, and decoding stops at the clip's last frame.
+Only the frames a clip needs are decoded: the container seeks to the keyframe at or before the clip's first
+frame, and decoding stops at the clip's last frame.
 
-Frame counts and frame rates
-    At construction every file is opened once. When the video stream's metadata gives a frame count
-    (``stream.frames``, e.g. the sample table of mp4/mov, the index of avi) and a frame rate
-    (``stream.average_rate``), the file is taken to have a constant frame rate and frame ``k`` is at
-    ``start_time + k / fps``. Otherwise (mkv and webm usually store no frame count) one counting pass demuxes the
-    stream's packets without decoding them and keeps their sorted timestamps, so frame ``k`` is the ``k``-th
-    timestamp. The result is cached per file for the life of the dataset; :attr:`VideoFolder.files` shows which
-    source each file used.
+Frame timestamps
+    At construction every file is opened once and its video stream's packets are demuxed without decoding them
+    (a small part of the cost of a decode): frame ``k`` is the packet with the ``k``-th smallest timestamp, so
+    files with a variable frame rate (irregular gaps between frames) give exactly their frames. The sorted
+    timestamps and the keyframes among them are kept per file for the life of the dataset (as
+    :class:`VideoFileInfo` in :attr:`VideoFolder.files`), and clips seek and decode by them.
+
+Damaged files
+    A file is skipped (with the one warning that lists every skipped file) when it cannot be opened or demuxed,
+    has no video stream or frames, or is truncated or damaged: the demuxer flags a packet as corrupt, or the
+    stream header lists more frames than the file holds (a truncated mp4 whose header comes first). Damage the
+    demuxer cannot see (corrupt data inside a complete packet) surfaces when a clip is read, as
+    :class:`VideoDecodeError` naming the file.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import os
 import warnings
 from collections import Counter, OrderedDict
@@ -38,48 +42,75 @@ from torch.utils.data import Dataset
 
 from .video_io import signed_from_uint8
 
-__all__ = ["VideoFolder", "VideoFileInfo", "VIDEO_EXTENSIONS"]
+__all__ = ["VideoFolder", "VideoFileInfo", "VideoDecodeError", "VIDEO_EXTENSIONS"]
 
 #: File name endings recognised as videos (compared case-insensitively).
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
 MODES = ("sequential", "random")
+#: skipped files whose reason the error of a folder without usable clips spells out (the warning lists all)
+SKIPPED_FILES_IN_ERROR = 3
 
 
-@dataclass(frozen=True)
+class VideoDecodeError(RuntimeError):
+    """A clip's frames could not be decoded from its file (a damaged file whose damage the index did not show).
+
+    The message names the file and the frames; ``path`` is the file (``None`` when the error was re-raised in
+    the main process by a DataLoader worker, whose message then holds the worker's traceback).
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def summary(self) -> str:
+        """The one-line message, without the traceback a DataLoader worker puts in front of it."""
+        last = str(self).strip().splitlines()[-1] if str(self).strip() else ""
+        marker = f"{type(self).__name__}: "
+        return last.split(marker, 1)[1] if marker in last else last
+
+
+@dataclass(frozen=True, eq=False)
 class VideoFileInfo:
-    """What the dataset knows about one usable video file.
+    """What the dataset knows about one usable video file, from demuxing its video stream once.
 
-    ``num_frames`` frames; ``frame_count_source`` is ``"metadata"`` (count and rate from the stream header,
-    constant frame rate assumed) or ``"counted"`` (one demuxing pass; ``frame_pts`` holds every frame's
-    timestamp in ``time_base`` units, sorted).
+    Frame ``k`` is the frame whose timestamp is ``frame_pts[k]`` (in ``time_base`` units; sorted, so frames are
+    in display order whatever the decoding order). ``keyframes`` holds the sorted indices of the frames that
+    are keyframes. ``fps`` is the header's average rate (informational; timestamps are never derived from it).
+    ``frame_count_source`` is ``"metadata"`` when the stream header states the frame count (mp4, mov, avi; the
+    packets then agree with it) and ``"counted"`` when only the packets give it (mkv and webm usually).
     """
 
     path: str
     num_frames: int
     time_base: Fraction
-    start_pts: int
     fps: Fraction | None
-    frame_pts: tuple[int, ...] | None
+    frame_pts: np.ndarray
+    keyframes: np.ndarray
     frame_count_source: str
+
+    @property
+    def start_pts(self) -> int:
+        """Timestamp of the first frame."""
+        return int(self.frame_pts[0])
 
     def pts_of(self, index: int) -> int:
         """Timestamp (in ``time_base`` units) of frame ``index``."""
-        if self.frame_pts is not None:
-            return self.frame_pts[index]
-        # Half a frame early: rounding of stored timestamps never puts the seek target past the frame.
-        return self.start_pts + max(0, int(math.floor((index - 0.5) / (self.fps * self.time_base))))
+        return int(self.frame_pts[index])
 
     def index_of(self, pts: int) -> int:
-        """Frame index of a decoded frame with timestamp ``pts`` (nearest frame)."""
-        if self.frame_pts is not None:
-            position = bisect.bisect_left(self.frame_pts, pts)
-            if position == len(self.frame_pts):
-                return position - 1
-            if position > 0 and pts - self.frame_pts[position - 1] < self.frame_pts[position] - pts:
-                return position - 1
-            return position
-        return int(round(float((pts - self.start_pts) * self.time_base * self.fps)))
+        """Frame index of a decoded frame with timestamp ``pts`` (the nearest frame)."""
+        position = int(np.searchsorted(self.frame_pts, pts))
+        if position == len(self.frame_pts):
+            return position - 1
+        if position > 0 and pts - self.frame_pts[position - 1] < self.frame_pts[position] - pts:
+            return position - 1
+        return position
+
+    def keyframe_at_or_before(self, index: int) -> int:
+        """Index of the last keyframe at or before frame ``index`` in display order (0 when there is none)."""
+        position = int(np.searchsorted(self.keyframes, index, side="right"))
+        return int(self.keyframes[position - 1]) if position > 0 else 0
 
 
 def _positive_int(name: str, value) -> int:
@@ -88,27 +119,48 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _read_only(values: list) -> np.ndarray:
+    array = np.asarray(values, dtype=np.int64)
+    array.setflags(write=False)
+    return array
+
+
 def _probe(path: str) -> VideoFileInfo:
-    """Read frame count, rate and timestamps of the first video stream of ``path``; raises on unreadable files."""
+    """Index the first video stream of ``path`` from its packets; raises on unreadable or truncated files."""
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
-        time_base = stream.time_base
-        if time_base is None:
+        if stream.time_base is None:
             raise ValueError("video stream has no time base")
-        start_pts = stream.start_time or 0
-        fps = stream.average_rate
-        if stream.frames and stream.frames > 0 and fps:
-            return VideoFileInfo(path, int(stream.frames), Fraction(time_base), int(start_pts), Fraction(fps),
-                                 None, "metadata")
-        # Demuxing without decoding is enough to count frames and costs a small part of a decode.
-        timestamps = sorted(packet.pts for packet in container.demux(stream)
-                            if packet.size and packet.pts is not None)
+        header_frames = int(stream.frames or 0)
+        packets = 0
+        timestamps: list[tuple[int, bool]] = []
+        for packet in container.demux(stream):
+            if packet.dts is None and packet.pts is None and not packet.size:
+                continue  # the demuxer's end-of-stream marker
+            packets += 1
+            if packet.is_corrupt:
+                raise ValueError(f"truncated or damaged: the demuxer flags packet {packets} of the stream "
+                                 f"(timestamp {packet.pts}) as corrupt")
+            # Empty packets (an avi's dropped frames) give no frame, nor do packets an mp4 edit list hides (the
+            # decoder drops their frames); frames without a timestamp cannot be sought.
+            if packet.size and packet.pts is not None and not packet.is_discard:
+                timestamps.append((int(packet.pts), bool(packet.is_keyframe)))
+        if header_frames and packets < header_frames:
+            raise ValueError(f"truncated: the stream header lists {header_frames} frames, the file holds "
+                             f"{packets}")
         if not timestamps:
             raise ValueError("video stream has no frames")
-        return VideoFileInfo(path, len(timestamps), Fraction(time_base), timestamps[0],
-                             Fraction(fps) if fps else None, tuple(timestamps), "counted")
+        timestamps.sort()
+        frame_pts = [pts for pts, _ in timestamps]
+        if len(set(frame_pts)) != len(frame_pts):
+            raise ValueError("several frames share a timestamp, so frames cannot be told apart by timestamp")
+        keyframes = [index for index, (_, is_keyframe) in enumerate(timestamps) if is_keyframe]
+        fps = stream.average_rate
+        return VideoFileInfo(path, len(frame_pts), Fraction(stream.time_base), Fraction(fps) if fps else None,
+                             _read_only(frame_pts), _read_only(keyframes),
+                             "metadata" if header_frames else "counted")
 
 
 def _find_video_files(folder: Path) -> list[Path]:
@@ -140,7 +192,8 @@ class VideoFolder(Dataset):
             aspect ratio kept) so that its short side covers the crop, then cropped: centred in sequential
             mode, at a random position in random mode.
         stride: a clip takes every ``stride``-th frame, so it spans ``(frames - 1) * stride + 1`` frames of its
-            file. Files shorter than that are skipped (with one warning listing every skipped file).
+            file. Files shorter than that are skipped, like unreadable and truncated files (see the module
+            docstring), with one warning listing every skipped file.
         mode: ``"sequential"``: a fixed index of all clips, starting at frames ``0, frames * stride, ...`` of
             every file (in sorted path order); ``len`` is the number of such clips.
             ``"random"``: ``len`` is ``clips_per_epoch``; clip ``i`` is drawn from a generator seeded by
@@ -160,10 +213,13 @@ class VideoFolder(Dataset):
 
     Raises:
         ValueError: an argument is invalid (the message names it), or no file under ``root`` gives a clip (the
-            message counts the files found per extension, the unreadable ones and the too short ones).
+            message counts the files found per extension, the unreadable ones (truncated ones included) and the
+            too short ones).
         FileNotFoundError: ``root`` is not a folder.
-        RuntimeError: on reading a clip, when a file decodes fewer frames than its frame count promised
-            (a truncated or damaged file whose header was readable).
+        IndexError: a clip index outside ``-len .. len - 1`` (the message gives the index as passed and the range).
+        VideoDecodeError: (a ``RuntimeError``) on reading a clip, when its file fails to decode or decodes fewer
+            frames than its index holds (damage inside packets, which indexing does not see); the message names
+            the file and the frames.
 
     Attributes:
         files: the usable files, as :class:`VideoFileInfo` in sorted path order.
@@ -231,10 +287,14 @@ class VideoFolder(Dataset):
         if not self.files:
             by_extension = Counter(p.suffix.lower() for p in candidates)
             found = ", ".join(f"{count} {ext}" for ext, count in sorted(by_extension.items())) or "none"
+            shown = SKIPPED_FILES_IN_ERROR
+            reasons = "; ".join(f"{path}: {reason}" for path, reason in self.skipped[:shown])
+            if len(self.skipped) > shown:
+                reasons += f"; and {len(self.skipped) - shown} more"
             raise ValueError(
                 f"no usable clip of {self.frames} frames with stride {self.stride} (spanning {self.span} frames) "
                 f"in {str(self.root)!r}: found {len(candidates)} video files ({found}); "
-                f"{unreadable} unreadable, {too_short} too short"
+                f"{unreadable} unreadable, {too_short} too short" + (f" ({reasons})" if reasons else "")
             )
         if self.skipped:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)
@@ -273,10 +333,10 @@ class VideoFolder(Dataset):
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"clip index must be an integer, got {index!r}")
         length = len(self)
+        if not -length <= index < length:
+            raise IndexError(f"clip index {index} out of range for {length} clips (valid: {-length} .. {length - 1})")
         if index < 0:
             index += length
-        if not 0 <= index < length:
-            raise IndexError(f"clip index {index} out of range for {length} clips")
         if self.mode == "sequential":
             file_index, start = self._sequential[index]
             return file_index, start, None
@@ -302,6 +362,10 @@ class VideoFolder(Dataset):
         container = self._open.get(path)
         if container is None:
             container = av.open(path)
+            # A decoder with worker threads cannot be freed in a forked child (a DataLoader worker that drops or
+            # collects containers of the parent): it waits forever for threads the fork did not copy. Clips are
+            # small and DataLoader workers decode in parallel, so one thread per decoder costs little.
+            container.streams.video[0].codec_context.thread_count = 1
             self._open[path] = container
             while len(self._open) > self.max_open_files:
                 _, oldest = self._open.popitem(last=False)
@@ -310,28 +374,60 @@ class VideoFolder(Dataset):
             self._open.move_to_end(path)
         return container
 
+    def _forget(self, path: str) -> None:
+        container = self._open.pop(path, None)
+        if container is not None:
+            container.close()
+
+    def _seek_anchors(self, info: VideoFileInfo, first: int) -> list[int]:
+        """Frames to seek to for a clip starting at frame ``first``, tried in order until one does not overshoot.
+
+        The keyframe at or before ``first`` (in display order) nearly always works; a demuxer that seeks by
+        decoding timestamps can land after it in display order (B-frames), so the keyframe before that follows,
+        then the first frame of the file.
+        """
+        anchor = info.keyframe_at_or_before(first)
+        anchors = [anchor]
+        if anchor > 0:
+            anchors.append(info.keyframe_at_or_before(anchor - 1))
+        if anchors[-1] > 0:
+            anchors.append(0)
+        return anchors
+
     def _decode(self, info: VideoFileInfo, indices: list[int]) -> list[np.ndarray]:
-        """RGB frames ``(H, W, 3)`` uint8 for the sorted frame ``indices`` of one file, seeking to the first."""
-        container = self._container(info.path)
-        stream = container.streams.video[0]
-        container.seek(info.pts_of(indices[0]), stream=stream, backward=True, any_frame=False)
+        """RGB frames ``(H, W, 3)`` uint8 for the sorted frame ``indices`` of one file, seeking by its timestamps."""
         wanted = set(indices)
         found: dict[int, np.ndarray] = {}
         decoded = 0
-        for frame in container.decode(stream):
-            decoded += 1
-            if frame.pts is None:
-                continue
-            frame_index = info.index_of(frame.pts)
-            if frame_index in wanted and frame_index not in found:
-                found[frame_index] = frame.to_ndarray(format="rgb24")
-            if frame_index >= indices[-1]:
-                break
+        try:
+            for anchor in self._seek_anchors(info, indices[0]):
+                container = self._container(info.path)
+                stream = container.streams.video[0]
+                container.seek(info.pts_of(anchor), stream=stream, backward=True, any_frame=False)
+                first_decoded = None
+                for frame in container.decode(stream):
+                    decoded += 1
+                    if frame.pts is None:
+                        continue
+                    frame_index = info.index_of(frame.pts)
+                    if first_decoded is None:
+                        first_decoded = frame_index
+                    if frame_index in wanted and frame_index not in found:
+                        found[frame_index] = frame.to_ndarray(format="rgb24")
+                    if frame_index >= indices[-1]:
+                        break
+                if first_decoded is not None and first_decoded <= indices[0]:
+                    break
+        except av.error.FFmpegError as error:
+            self._forget(info.path)  # a decoder that failed mid-stream is not reused
+            self.last_clip_decoded_frames = decoded
+            raise VideoDecodeError(f"{info.path}: cannot decode frames {indices[0]}..{indices[-1]} "
+                                   f"({type(error).__name__}: {error}); the file is damaged", info.path) from error
         self.last_clip_decoded_frames = decoded
         missing = [k for k in indices if k not in found]
         if missing:
-            raise RuntimeError(f"{info.path}: could not decode frames {missing} (the file has "
-                               f"{info.num_frames} frames by its {info.frame_count_source} frame count)")
+            raise VideoDecodeError(f"{info.path}: could not decode frames {missing} (the file has {info.num_frames} "
+                                   f"frames by its index); the file is damaged", info.path)
         return [found[k] for k in indices]
 
     def _resize_and_crop(self, video: torch.Tensor, crop: tuple[float, float] | None) -> torch.Tensor:

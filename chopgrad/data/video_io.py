@@ -111,6 +111,8 @@ def read_video(path: str | os.PathLike) -> torch.Tensor:
         if not container.streams.video:
             raise ValueError(f"{str(path)!r} has no video stream")
         stream = container.streams.video[0]
+        # Without decoder threads, a container left to the garbage collector can be freed in a forked child too.
+        stream.codec_context.thread_count = 1
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     if not frames:
         raise ValueError(f"{str(path)!r} has no decodable frames")
