@@ -180,8 +180,14 @@ def pixel_loss(
             less memory with lean=False at d_trunc >= 2) or "chunked" (1x
             compute, truncation distance 0..d_trunc).
         mask: optional (B, 1 or C, F, H, W) weights (tensor or callable like
-            target), finite and >= 0. An all-zero mask supervises no pixel:
-            the elementwise terms are 0 with zero gradient (not 0/0), and
+            target), finite and >= 0. The weights scale the elementwise
+            terms (mse, l1, charbonnier, huber; "mean" divides by the mask
+            sum). For a callable term the mask only selects pixels: the
+            callable sees the prediction where mask != 0 and the target where
+            mask == 0 (those pixels carry no gradient), whatever the weight
+            values, so uniform weights of 2 leave a callable's value as it is
+            without a mask. An all-zero mask supervises no pixel: the
+            elementwise terms are 0 with zero gradient (not 0/0), and
             callables see the target in place of the prediction.
         reduction: "mean" (over supervised elements, or the mask sum) or "sum".
         groups: decoder step indices to supervise (None: all), integers or an

@@ -8,7 +8,9 @@ Two paths:
   for adapters whose frames are private buffers the gradient overwrites the
   frames (they are dead after the loss), so no second frame-sized tensor lives.
 - autograd: any term is a user callable; the value keeps its graph (SSIM joins
-  through a surrogate carrying its fused gradient).
+  through a surrogate carrying its fused gradient). A mask weights the
+  elementwise terms and, for a callable, only selects: the callable sees the
+  prediction where the mask is non-zero and the target elsewhere.
 """
 from __future__ import annotations
 
@@ -117,9 +119,9 @@ class VideoLoss:
             surrogate = (pred * grad).sum().float()  # its gradient w.r.t. pred is the fused SSIM gradient
             total = total + scale * (ssim.numel() - ssim.sum()) + surrogate - surrogate.detach()
         if mask is not None:
-            # Unsupervised pixels are replaced by the target: they carry no gradient.
-            m = mask.to(pred.dtype)
-            pred = pred * m + target.to(pred.dtype) * (1 - m)
+            # For a callable the mask selects pixels; its weights scale only the elementwise terms. A weighted
+            # blend would hand the callable images outside the prediction's and the target's range.
+            pred = torch.where(mask != 0, pred, target.to(pred.dtype))
         share = self.plan.frames_per_step[step] / self.supervised_frames if self.reduction == "mean" else 1.0
         for term in self.callables:
             value = term.fn(pred, target)

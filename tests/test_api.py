@@ -299,3 +299,64 @@ def test_every_fused_pixel_loss_has_an_autograd_version_with_the_same_constants(
     for name, fn in ELEMENTWISE_LOSSES.items():
         sums = kernels.pixel_loss_frames(pred, target, None, kind=name, clamp=False)
         assert torch.allclose(sums.sum(), fn(pred, target).sum(), rtol=1e-10), name
+
+
+# A callable loss with a mask: the mask selects pixels (prediction where mask != 0, target where mask == 0) and its
+# weight values reach only the elementwise terms.
+def per_frame_mean_abs():
+    return chopgrad.per_frame(lambda p, t: (p - t).abs().mean(dim=(1, 2, 3)))
+
+
+def test_uniform_mask_weights_leave_a_callable_loss_unchanged(wan):
+    vae, latents, video, target = wan
+    fn = per_frame_mean_abs()
+    plain_value, plain_grad = chop_grad(vae, latents, target, loss=fn, d_trunc=None)
+    uniform = torch.full((video.shape[0], 1, *video.shape[2:]), 2.0)
+    value, grad = chop_grad(vae, latents, target, loss=fn, d_trunc=None, mask=uniform)
+    assert value == pytest.approx(plain_value, rel=1e-6)
+    assert rel_err(grad, plain_grad) <= 1e-6
+    # The weights still scale an elementwise term next to the callable: twice its mask-weighted sum over twice the
+    # element count is the plain mean.
+    mixed_plain, _ = chop_grad(vae, latents, target, loss={fn: 1.0, "l1": 1.0}, d_trunc=None)
+    mixed, _ = chop_grad(vae, latents, target, loss={fn: 1.0, "l1": 1.0}, d_trunc=None, mask=uniform)
+    assert mixed == pytest.approx(mixed_plain, rel=1e-6)
+
+
+def inpaint_hole_weights(target: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The trainer's inpaint loss weights for a (1, 3, F, H, W) target: hole 2x the rest, scaled to a mean of 1."""
+    from chopgrad.data.tasks import get_task
+
+    weights = get_task("inpaint").pair(target[0], seed=seed, hole_weight=2.0).loss_weights
+    return (weights / weights.mean())[None]
+
+
+def test_a_callable_sees_the_plain_prediction_under_inpaint_hole_weights(wan):
+    vae, latents, video, target = wan
+    weights = inpaint_hole_weights(target)
+    levels = sorted(weights.unique().tolist())
+    assert len(levels) == 2 and 0 < levels[0] < 1 < levels[1]  # about 0.8 outside the hole, 1.7 inside
+    seen = []
+
+    def recording(pred, tgt):
+        seen.append(pred.detach().clone())
+        return (pred - tgt).abs().mean()
+
+    chop_grad(vae, latents, target, loss=recording, d_trunc=1, mask=weights)
+    given = torch.cat(seen, dim=2)
+    assert given.shape == video.shape
+    assert float(video.min()) - 1e-5 <= float(given.min()) and float(given.max()) <= float(video.max()) + 1e-5
+    torch.testing.assert_close(given, video, rtol=0, atol=1e-5)  # every weight is > 0: all of it is prediction
+
+
+def test_a_binary_mask_hands_a_callable_the_target_where_it_is_zero(wan):
+    vae, latents, video, target = wan
+    fn = per_frame_mean_abs()
+    mask = (torch.rand(video.shape[0], 1, *video.shape[2:], generator=torch.Generator().manual_seed(7)) > 0.4)
+    mask = mask.float()
+    # The oracle: plain autograd through the model's own decode, unselected pixels replaced by the target.
+    value, grad = full_grad(vae, latents, lambda v: fn(torch.where(mask != 0, v, target), target))
+    got_value, got_grad = chop_grad(vae, latents, target, loss=fn, d_trunc=None, mask=mask)
+    assert got_value == pytest.approx(value, rel=1e-5)
+    assert rel_err(got_grad, grad) <= 1e-5
+    everywhere_value, _ = chop_grad(vae, latents, target, loss=fn, d_trunc=None)
+    assert got_value < everywhere_value  # the unselected pixels really were replaced

@@ -118,3 +118,70 @@ def test_full_decode_pixel_loss_equals_the_exact_pixel_loss(loss, masked):
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_full_decode_loss_hands_a_callable_the_prediction_where_the_mask_is_non_zero():
+    """--method full: mask weights scale the elementwise terms only; for a callable the mask selects pixels."""
+    vae = tiny_wan21().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 3, 3, 5, generator=g)
+    target = torch.rand(1, 3, 9, 24, 40, generator=g) * 2 - 1
+    with torch.no_grad():
+        decoded = vae.decode(latents).sample
+    seen = []
+
+    def recording(pred, tgt):
+        seen.append(pred.detach().clone())
+        return (pred - tgt).abs().mean()
+
+    def value_and_grad(mask):
+        z = latents.clone().requires_grad_(True)
+        value = full_decode_pixel_loss(vae, z, target, {recording: 1.0}, mask)
+        (grad,) = torch.autograd.grad(value, z)
+        return value.detach(), grad
+
+    plain_value, plain_grad = value_and_grad(None)
+    uniform_value, uniform_grad = value_and_grad(torch.full((1, 1, 9, 24, 40), 2.0))
+    torch.testing.assert_close(uniform_value, plain_value, rtol=1e-6, atol=0)
+    torch.testing.assert_close(uniform_grad, plain_grad, rtol=1e-6, atol=1e-9)
+    # The inpaint task's hole weights (the trainer scales them to a mean of 1: all > 0).
+    weights = get_task("inpaint").pair(target[0], seed=0, hole_weight=2.0).loss_weights[None]
+    weights = weights / weights.mean()
+    seen.clear()
+    value_and_grad(weights)
+    torch.testing.assert_close(seen[0], decoded, rtol=0, atol=1e-5)
+    # A binary mask: the target where it is zero, with no gradient there.
+    binary = (torch.rand(1, 1, 9, 24, 40, generator=g) > 0.5).float()
+    seen.clear()
+    value_and_grad(binary)
+    torch.testing.assert_close(seen[0], torch.where(binary != 0, decoded, target), rtol=0, atol=1e-5)
+
+
+def test_a_variable_frame_rate_file_in_the_data_folder_gives_its_own_frames(tmp_path):
+    from video_files import frame_indices, irregular_timestamps_ms, write_variable_rate_mp4
+
+    for i in range(2):
+        write_variable_rate_mp4(tmp_path / f"vfr{i}.mp4", irregular_timestamps_ms(40, seed=i), 16, 16)
+    train, held = task_datasets(get_task("enhance"), data=str(tmp_path), frames=9, height=16, width=16,
+                                frame_stride=1, seed=0, train_clips=24, eval_clips=3, hole_weight=2.0)
+    for pairs in (train, held):
+        folder = pairs.source.folder
+        for index in range(len(pairs)):
+            start = folder.clip_location(index)[1]
+            assert frame_indices(pairs[index].target) == list(range(start, start + 9)), index
+
+
+def test_a_file_damaged_inside_its_packets_is_one_error_line_naming_data_and_the_file(tmp_path, capsys):
+    from chopgrad.tools.cli import main
+    from video_files import packets_in_file_order, write_header_first_mp4, zero_packet_data
+
+    path = write_header_first_mp4(tmp_path / "data" / "damaged.mp4", 24, 32, 32, gop=24)
+    zero_packet_data(path, sorted(pts for _, _, pts in packets_in_file_order(path))[1])  # every clip decodes it
+    argv = ["train", "--task", "vsr", "--model", "tiny-wan21", "--frames", "9", "--size", "16", "--eval-clips", "1",
+            "--width", "8", "--blocks", "1", "--threads", "1", "--no-progress", "--steps", "1",
+            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    with pytest.warns(UserWarning, match="one usable video file"), pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: --data {str(tmp_path / 'data')!r}: {path}: cannot decode")

@@ -20,7 +20,9 @@ and predicts the target latents.
   condition is the clip with the hole filled with grey (0); the extra channel
   is the mask (1 in the hole), which the trainer brings to latent resolution.
   ``loss_weights`` weight hole pixels ``hole_weight`` times more, for
-  ``pixel_loss(mask=...)``.
+  ``pixel_loss(mask=...)``: they scale its elementwise terms, while a callable
+  (perceptual) loss, for which a mask only selects pixels, sees the plain
+  prediction (every weight is > 0).
 * ``enhance`` (enhancing novel views rendered from a 3D Gaussian splatting /
   NeRF reconstruction): artefacts that stay consistent over time, drawn once
   per clip. They are a spatially varying blur (a smooth random map blends the

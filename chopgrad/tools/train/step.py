@@ -122,8 +122,9 @@ def full_decode_pixel_loss(vae, latents: torch.Tensor, target: torch.Tensor, los
 
     Plain autograd through the whole decode: the exact gradient, with the activations of every decoder step
     alive until backward. Elementwise terms are means over the (mask-weighted) elements, "ssim" is 1 - SSIM
-    averaged over frames, and a callable sees the whole clip (with unsupervised pixels replaced by the target),
-    as ``pixel_loss`` hands it to a callable that is a mean over frames.
+    averaged over frames, and a callable sees the whole clip, as ``pixel_loss`` hands it to a callable that is a
+    mean over frames. As in ``pixel_loss``, the mask's weights scale the elementwise terms only; for a callable the
+    mask selects pixels: it sees the prediction where ``mask != 0`` and the target where ``mask == 0``.
     """
     pred = vae.decode(latents).sample.float()
     target = target.to(pred.device, torch.float32)
@@ -145,7 +146,7 @@ def full_decode_pixel_loss(vae, latents: torch.Tensor, target: torch.Tensor, los
         total = total + ssim_weight * (1.0 - fused_ssim(pred, target, reduction="mean"))
     callables = [t for t in terms if t.is_callable]
     if callables:
-        seen = pred if mask is None else pred * mask.to(pred) + target * (1 - mask.to(pred))
+        seen = pred if mask is None else torch.where(mask.to(pred.device) != 0, pred, target)
         for term in callables:
             total = total + term.weight * term.fn(seen, target).reshape(()).float()
     return total
