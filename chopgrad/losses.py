@@ -12,6 +12,7 @@ see: under "mean" step g is weighted by its share of supervised frames, under
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -72,7 +73,7 @@ class LossTerm:
 
 
 def resolve_loss(loss: LossSpec) -> list[LossTerm]:
-    """Turns `loss` (a name, a callable, or a {name_or_callable: weight} dict) into terms."""
+    """Turns `loss` (a name, a callable, or a {name_or_callable: weight} dict of finite weights) into terms."""
     if isinstance(loss, str):
         return [_named_term(loss, 1.0)]
     if isinstance(loss, dict):
@@ -82,6 +83,8 @@ def resolve_loss(loss: LossSpec) -> list[LossTerm]:
         for key, weight in loss.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise TypeError(f"loss: the weight of {key!r} must be a number, got {weight!r}")
+            if not math.isfinite(weight):
+                raise ValueError(f"loss: the weight of {key!r} must be a finite number, got {weight!r}")
             if isinstance(key, str):
                 terms.append(_named_term(key, float(weight)))
             elif callable(key):

@@ -36,3 +36,18 @@ class GradientL1(nn.Module):
 
 def gradient_l1():
     return GradientL1()
+
+
+class DropoutGenerator(nn.Module):
+    """Two 1x1x1 convolutions with dropout between them: a model that draws from torch's global random state."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv3d(in_channels, 8, 1), nn.Dropout(0.3), nn.Conv3d(8, out_channels, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def dropout(in_channels: int, out_channels: int) -> nn.Module:
+    return DropoutGenerator(in_channels, out_channels)

@@ -8,11 +8,13 @@ before any work starts, as one `error: ...` line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import NoReturn
 
@@ -281,6 +283,7 @@ def _check_out(path: str, files) -> None:
                 fail(f"--out: {target!r} is a folder, so {name} cannot be written there")
         if not os.access(path, os.W_OK | os.X_OK):
             fail(f"--out: no permission to write in {path!r}")
+        _probe_write(path)
         return
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
@@ -289,6 +292,50 @@ def _check_out(path: str, files) -> None:
         fail(f"--out: {path!r} cannot be created: {parent!r} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         fail(f"--out: {path!r} cannot be created: no permission to write in {parent!r}")
+    _probe_write(path)
+
+
+def _probe_write(path: str) -> None:
+    """Creates `path` (with its missing parents) and writes a file in it, then removes all of it again.
+
+    Permission bits do not tell everything: root may write anywhere by them, yet not in /proc or on a read-only
+    mount, and such an --out would otherwise fail only when the run writes its outputs.
+    """
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    created = []
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            created.append(folder)
+        descriptor, probe = tempfile.mkstemp(prefix=".chopgrad-write-probe-", dir=path)
+        try:
+            os.write(descriptor, b"probe")
+        finally:
+            os.close(descriptor)
+            os.remove(probe)
+    except OSError as exc:
+        fail(f"--out: cannot write in {path!r}: {exc.strerror or exc}")
+    finally:
+        for folder in reversed(created):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """SIGINT and SIGTERM that arrive inside the block are delivered when it ends."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _interrupt(signum, frame):
@@ -320,13 +367,16 @@ def cmd_bench(args) -> int:
     def record(row: dict) -> None:
         # Rewrite results.json / results.md after every configuration, so a run
         # that is stopped (Ctrl-C, SIGTERM from a job limit) keeps what it measured.
-        measured.append(row)
-        write_outputs(measured, settings, args.out, plots=False)
-        if args.no_progress:
-            peak = f"{row['peak_bytes'] / 2**20:.1f} MiB" if row.get("peak_bytes") else "-"
-            step = f"{row['time_s']:.3f} s/step" if row.get("time_s") else "-"
-            print(f"{row['size']}x{row['size']} {row['frames']:>4d}f {row['label']}: {row['status']}, {peak}, {step}",
-                  file=sys.stderr, flush=True)
+        # A stop waits until the row is recorded, so the printed lines, the file
+        # and the count in the stop message agree.
+        with _stop_signals_deferred():
+            measured.append(row)
+            if args.no_progress:
+                peak = f"{row['peak_bytes'] / 2**20:.1f} MiB" if row.get("peak_bytes") else "-"
+                step = f"{row['time_s']:.3f} s/step" if row.get("time_s") else "-"
+                print(f"{row['size']}x{row['size']} {row['frames']:>4d}f {row['label']}: {row['status']}, {peak}, "
+                      f"{step}", file=sys.stderr, flush=True)
+            write_outputs(measured, settings, args.out, plots=False)
 
     t0 = time.monotonic()
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
@@ -385,7 +435,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from chopgrad.tools.train.command import COMPARE_FILES, TRAIN_FILES, check_before_work, config_from_args, run_train
+    from chopgrad.tools.train.command import (COMPARE_FILES, TRAIN_FILES, check_before_work, config_from_args,
+                                              interrupted_message, remove_outputs, run_train)
 
     if args.compare:
         chosen = [o for o, given in (("--resume", args.resume), ("--method", args.method is not None),
@@ -396,23 +447,37 @@ def cmd_train(args) -> int:
                  f"1, chunked d_trunc 1); drop {', '.join(chosen)}")
     try:
         config = config_from_args(args)
+        if args.compare:
+            from chopgrad.tools.train.compare import method_configs
+
+            method_configs(config)
     except ValueError as exc:
         fail(str(exc))
     _check_device(args)
     _check_model(args)
     _check_out(config.out, COMPARE_FILES if args.compare else TRAIN_FILES)
-    check_before_work(config, fail)
+    check_before_work(config, fail, overwrite=args.overwrite)
     _check_shapes(_load_model(config.model), [config.frames], [*config.size], size_option="--size")
-    if args.compare:
-        from chopgrad.tools.train.compare import compare, format_table
+    if args.overwrite:
+        remove_outputs(config.out)
+    # SIGTERM (a job limit, `kill`) stops the run as Ctrl-C does, with the same message
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.compare:
+            from chopgrad.tools.train.compare import compare, format_table
 
-        t0 = time.monotonic()
-        comparison = compare(config, log=lambda message: print(message, file=sys.stderr, flush=True))
-        print(format_table(comparison))
-        print(f"\n{len(comparison['rows'])} runs in {time.monotonic() - t0:.0f} s; wrote {config.out}/compare.md, "
-              f"compare.json, compare.png")
-        return 0
-    return run_train(config, fail)
+            t0 = time.monotonic()
+            comparison = compare(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+            print(format_table(comparison))
+            print(f"\n{len(comparison['rows'])} runs in {time.monotonic() - t0:.0f} s; wrote {config.out}/compare.md, "
+                  f"compare.json, compare.png")
+            return 0
+        return run_train(config, fail)
+    except KeyboardInterrupt:
+        print(f"\n{'interrupted' if args.compare else interrupted_message(config)}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def cmd_info(args) -> int:

@@ -9,14 +9,21 @@ A checkpoint is a folder:
   and whatever the trainer adds (``extra``).
 
 Restoring all of it makes a resumed run continue bit for bit as the uninterrupted one would.
+
+Every file records the step it was saved at (the safetensors files in their metadata), and loading refuses a
+folder whose files disagree. A save writes a new folder next to the checkpoint (``<folder>.partial``) and swaps
+it in by renaming, so an interruption leaves the previous checkpoint whole: in ``<folder>``, or, when it came
+between the two renames, in ``<folder>.previous``, which loading then uses.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 #: the folder of a run's output folder that holds its checkpoint
@@ -25,6 +32,9 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RANDOM_FILE = "random.safetensors"
 TRAINER_FILE = "trainer.json"
+TENSOR_FILES = (MODEL_FILE, OPTIMIZER_FILE, RANDOM_FILE)
+#: a save in progress, and the checkpoint it replaces while the two are swapped
+PARTIAL_SUFFIX, PREVIOUS_SUFFIX = ".partial", ".previous"
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
@@ -50,40 +60,94 @@ def _merge_optimizer_state(tensors: dict, other: dict, param_groups: list) -> di
 
 def save_checkpoint(folder: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     scheduler: Optional[Any] = None, extra: Optional[dict] = None) -> str:
-    """Writes the checkpoint folder (replacing its files) and returns it."""
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, MODEL_FILE))
+    """Writes the checkpoint into `folder`, replacing the one there as a whole, and returns `folder`."""
+    folder = os.path.normpath(folder)
+    partial, previous = folder + PARTIAL_SUFFIX, folder + PREVIOUS_SUFFIX
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    stamp = {"step": str(int(step))}
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(partial, MODEL_FILE),
+              metadata=stamp)
     optimizer_state = optimizer.state_dict()
     tensors, other = _split_optimizer_state(optimizer_state)
-    save_file(tensors, os.path.join(folder, OPTIMIZER_FILE))
+    save_file(tensors, os.path.join(partial, OPTIMIZER_FILE), metadata=stamp)
     random = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for device, state in enumerate(torch.cuda.get_rng_state_all()):
             random[f"cuda.{device}"] = state
-    save_file(random, os.path.join(folder, RANDOM_FILE))
+    save_file(random, os.path.join(partial, RANDOM_FILE), metadata=stamp)
     trainer = {"step": int(step), "param_groups": optimizer_state["param_groups"], "optimizer_other": other,
                "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra or {}}
-    with open(os.path.join(folder, TRAINER_FILE), "w") as f:
+    with open(os.path.join(partial, TRAINER_FILE), "w") as f:
         json.dump(trainer, f, indent=1)
+    if os.path.isdir(folder):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(folder, previous)
+    os.rename(partial, folder)
+    shutil.rmtree(previous, ignore_errors=True)
     return folder
+
+
+def committed_checkpoint(folder: str) -> Optional[str]:
+    """The folder holding the last whole checkpoint saved to `folder` (itself, or the one a swap left), or None."""
+    folder = os.path.normpath(folder)
+    for candidate in (folder, folder + PREVIOUS_SUFFIX):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def _recorded_steps(folder: str) -> dict:
+    """{file name: the step it records} of a checkpoint folder; ValueError naming the folder if one cannot say."""
+    steps = {}
+    for name in TENSOR_FILES:
+        try:
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                recorded = (f.metadata() or {}).get("step")
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"checkpoint folder {folder!r}: {name} cannot be read ({exc})") from None
+        if recorded is None or not recorded.isdigit():
+            raise ValueError(f"checkpoint folder {folder!r}: {name} records no step, so it cannot be checked "
+                             f"against the other files; start the run afresh")
+        steps[name] = int(recorded)
+    return steps
+
+
+def _read_trainer(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, TRAINER_FILE)) as f:
+            trainer = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"checkpoint folder {folder!r}: {TRAINER_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
+        raise ValueError(f"checkpoint folder {folder!r}: {TRAINER_FILE} records no step")
+    return trainer
 
 
 def load_checkpoint(folder: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Optional[Any] = None) -> dict:
-    """Restores model, optimizer, scheduler and random state in place; returns ``{"step": ..., "extra": ...}``."""
-    missing = [name for name in (MODEL_FILE, OPTIMIZER_FILE, RANDOM_FILE, TRAINER_FILE)
-               if not os.path.isfile(os.path.join(folder, name))]
+    """Restores model, optimizer, scheduler and random state in place; returns ``{"step": ..., "extra": ...}``.
+
+    Checks the whole folder before changing anything: ValueError naming the folder if a file is missing or the
+    files were saved at different steps.
+    """
+    folder = committed_checkpoint(folder) or folder
+    missing = [name for name in (*TENSOR_FILES, TRAINER_FILE) if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise ValueError(f"checkpoint folder {folder!r} lacks {', '.join(missing)}")
+    trainer = _read_trainer(folder)
+    steps = {**_recorded_steps(folder), TRAINER_FILE: trainer["step"]}
+    if len(set(steps.values())) > 1:
+        listed = ", ".join(f"{name} step {value}" for name, value in steps.items())
+        raise ValueError(f"checkpoint folder {folder!r} is inconsistent: its files were saved at different steps "
+                         f"({listed}), as when a save is interrupted; it cannot be resumed, start the run afresh")
+    if scheduler is not None and trainer["scheduler"] is None:
+        raise ValueError(f"checkpoint folder {folder!r} has no learning-rate schedule to restore")
     device = next(model.parameters()).device
     model.load_state_dict(load_file(os.path.join(folder, MODEL_FILE), device=str(device)))
-    with open(os.path.join(folder, TRAINER_FILE)) as f:
-        trainer = json.load(f)
     tensors = load_file(os.path.join(folder, OPTIMIZER_FILE), device=str(device))
     optimizer.load_state_dict(_merge_optimizer_state(tensors, trainer["optimizer_other"], trainer["param_groups"]))
     if scheduler is not None:
-        if trainer["scheduler"] is None:
-            raise ValueError(f"checkpoint folder {folder!r} has no learning-rate schedule to restore")
         scheduler.load_state_dict(trainer["scheduler"])
     random = load_file(os.path.join(folder, RANDOM_FILE))
     torch.set_rng_state(random["cpu"])

@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import sys
 
 from chopgrad.data.tasks import TASKS
 
-from .checkpoint import CHECKPOINT_FOLDER
-from .config import QUICK, SCHEDULES, TrainConfig
+from .checkpoint import CHECKPOINT_FOLDER, PARTIAL_SUFFIX, PREVIOUS_SUFFIX, committed_checkpoint
+from .compare import COMPARED_METHODS
+from .config import MAX_SEED, QUICK, SCHEDULES, TrainConfig
 from .step import METHODS
 
 TRAIN_FILES = ("metrics.json", "metrics.csv", "curves.png")
 COMPARE_FILES = ("compare.json", "compare.md", "compare.png")
+#: everything a run or a --compare writes into --out (what --overwrite removes)
+OUTPUTS = (*TRAIN_FILES, *COMPARE_FILES, "samples", "decoder", "settings.json",
+           *(CHECKPOINT_FOLDER + suffix for suffix in ("", PARTIAL_SUFFIX, PREVIOUS_SUFFIX)),
+           *(name for name, _, _ in COMPARED_METHODS), *(f"{name}.tmp" for name in (*TRAIN_FILES, *COMPARE_FILES)))
 
 TRAIN_HELP = ("train a one-step latent model for a video task with a pixel loss through chopgrad (or full "
               "backprop, or the latent loss alone)")
@@ -30,7 +37,10 @@ latent leaves it out.
 
 outputs in --out: metrics.json, metrics.csv, curves.png, samples/ (grid PNGs and mp4s of held-out clips),
 checkpoint/ (for --resume), decoder/ (with --train-decoder). With --compare: one folder per method plus
-compare.json, compare.md and compare.png.
+compare.json, compare.md and compare.png. --out must be new or empty, unless --resume continues the run in it
+or --overwrite replaces its outputs.
+
+stopping: Ctrl-C (SIGINT) or SIGTERM stops the run; the last checkpoint stays in OUT/checkpoint for --resume.
 
 data parallel: torchrun --nproc_per_node N -m chopgrad train ... (gloo on CPU, NCCL on CUDA); each rank
 trains on its own clips and gradients are averaged, so a step equals one process on the union of the clips.
@@ -47,9 +57,19 @@ def _pixel_term(text: str):
 
     if name not in LOSS_NAMES:
         raise argparse.ArgumentTypeError(f"unknown pixel loss {name!r}; known: {', '.join(sorted(LOSS_NAMES))}")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"the weight of {name!r} must be >= 0, got {value}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"the weight of {name!r} must be a finite number >= 0, got {value}")
     return name, value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0 .. {MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0 .. {MAX_SEED}, got {value}")
+    return value
 
 
 def _d_trunc(text: str):
@@ -95,7 +115,8 @@ def add_train_command(parser, subparsers, *, positive_int, nonneg_int, positive_
                    "for the exact gradient (default: 1)")
     t.add_argument("--schedule", choices=SCHEDULES, help="chopgrad's schedule (default: sliding)")
     t.add_argument("--pixel-loss", type=_pixel_term, nargs="+", metavar="NAME[=WEIGHT]",
-                   help="pixel loss terms: mse, l1, charbonnier, huber, ssim (default: mse=1)")
+                   help="pixel loss terms, each given once with a finite weight >= 0: mse, l1, charbonnier, huber, "
+                   "ssim (inpaint: ssim takes no mask, so it needs --hole-weight 1) (default: mse=1)")
     t.add_argument("--latent-weight", type=nonneg_float, help=f"weight of the latent MSE {default('latent_weight')}")
     t.add_argument("--pixel-weight", type=nonneg_float, help=f"weight of the pixel loss {default('pixel_weight')}")
     t.add_argument("--perceptual", metavar="MODULE:FUNCTION", help="an image loss added to the pixel loss, through "
@@ -116,7 +137,8 @@ def add_train_command(parser, subparsers, *, positive_int, nonneg_int, positive_
     t.add_argument("--width", type=positive_int, help=f"channels of the default model {default('width')}")
     t.add_argument("--blocks", type=positive_int, help=f"residual blocks of the default model {default('blocks')}")
     t.add_argument("--generator", metavar="MODULE:FUNCTION", help="the model to train instead of the default one "
-                   "(see below)")
+                   "(see below); MODULE is imported as by python -m: from the current folder or the installed "
+                   "packages")
     t.add_argument("--train-decoder", action="store_true", help="fine-tune the VAE decoder too (with --decoder-lr); "
                    "saved to OUT/decoder as a diffusers folder")
     t.add_argument("--eval-every", type=positive_int, help=f"steps between held-out evaluations "
@@ -125,12 +147,16 @@ def add_train_command(parser, subparsers, *, positive_int, nonneg_int, positive_
     t.add_argument("--samples", type=nonneg_int, help=f"held-out clips written as grid and mp4 {default('samples')}")
     t.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints (default: at every "
                    "evaluation and at the end)")
-    t.add_argument("--seed", type=nonneg_int, help=f"seed of the model, data and degradations {default('seed')}")
+    t.add_argument("--seed", type=_seed, help=f"seed of the model, data and degradations, 0 .. {MAX_SEED} "
+                   f"{default('seed')}")
     t.add_argument("--workers", type=nonneg_int, help=f"DataLoader worker processes {default('workers')}")
     t.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores not busy with other "
                    "processes, from the load average)")
-    t.add_argument("--out", metavar="DIR", help="output folder (default: train_out)")
+    t.add_argument("--out", metavar="DIR", help="output folder, new or empty (default: train_out)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
+    t.add_argument("--overwrite", action="store_true", help="remove the outputs of an earlier run in --out (metrics, "
+                   "curves, samples/, checkpoint/, decoder/, --compare's folders) before training; a folder that "
+                   "holds anything else is refused")
     t.add_argument("--quick", action="store_true", help="a short run: " + ", ".join(
         f"{k} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in QUICK.items()))
     t.add_argument("--compare", action="store_true", help="train the same task, data, model and steps with each "
@@ -161,6 +187,12 @@ def config_from_args(args) -> TrainConfig:
     if hasattr(args, "d_trunc"):  # given ('none' included)
         values["d_trunc"] = args.d_trunc
     if args.pixel_loss:
+        names = [name for name, _ in args.pixel_loss]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            given = " ".join(f"{name}={weight:g}" for name, weight in args.pixel_loss if name in repeated)
+            raise ValueError(f"--pixel-loss: {', '.join(map(repr, repeated))} given more than once ({given}); give "
+                             f"each term once")
         values["pixel_loss"] = dict(args.pixel_loss)
     if args.samples is None and "eval_clips" in values:
         values["samples"] = min(values.get("samples", TrainConfig.samples), values["eval_clips"])
@@ -168,15 +200,28 @@ def config_from_args(args) -> TrainConfig:
                        progress=not args.no_progress, **values)
 
 
-def check_before_work(config: TrainConfig, fail) -> None:
+def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False) -> None:
     """The checks that need no model: the output folder, the data folder, the factories."""
     from .model import resolve_factory
 
     checkpoint = os.path.join(config.out, CHECKPOINT_FOLDER)
-    if config.resume and not os.path.isdir(checkpoint):
+    if config.resume and overwrite:
+        fail("--resume continues the run in --out and --overwrite removes it; give one of them")
+    if config.resume and committed_checkpoint(checkpoint) is None:
         fail(f"--resume: no checkpoint in {checkpoint!r}")
+    if not config.resume and os.path.isdir(config.out):
+        present = sorted(os.listdir(config.out))
+        foreign = [name for name in present if name not in OUTPUTS]
+        if present and not overwrite:
+            fail(f"--out: {config.out!r} is not empty ({_listing(present)}); give a new or empty folder, --resume "
+                 f"to continue the run in it, or --overwrite to replace its outputs")
+        if foreign:
+            fail(f"--out: {config.out!r} holds files chopgrad train does not write ({_listing(foreign)}), which "
+                 f"--overwrite leaves alone; give a new or empty folder")
     if config.data is not None and not os.path.isdir(config.data):
         fail(f"--data: {config.data!r} is not a folder")
+    if config.data is not None:
+        _check_data_folder(config, fail)
     for option, spec in (("--generator", config.generator), ("--perceptual", config.perceptual)):
         if spec is not None:
             try:
@@ -185,17 +230,68 @@ def check_before_work(config: TrainConfig, fail) -> None:
                 fail(str(exc))
 
 
-def run_train(config: TrainConfig, fail) -> int:
-    from .trainer import train
+def _check_data_folder(config: TrainConfig, fail) -> None:
+    """Opens --data as the run will (each file indexed, nothing decoded), so a folder without a usable file fails
+    before the model loads; the files it skips are reported when the run opens the folder."""
+    import warnings
+
+    from chopgrad.data.video_folder import VideoFolder
 
     try:
-        record = train(config, log=lambda message: None if config.progress else print(message, file=sys.stderr))
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        fail(str(exc))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            VideoFolder(config.data, config.frames, *config.size, stride=config.frame_stride).close()
+    except (ValueError, RuntimeError) as exc:
+        fail(f"--data {config.data!r}: {exc}")
+
+
+def _listing(names: list, shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def remove_outputs(out: str) -> None:
+    """Removes what a run or a --compare wrote into `out` (check_before_work refused anything else)."""
+    for name in OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def summary_line(config: TrainConfig, record: dict) -> str:
     summary = record["summary"]
     final = summary.get("final_eval", {})
-    print(f"{config.task}: {summary.get('steps_done', 0)} steps, held-out PSNR {final.get('psnr', float('nan')):.2f} "
-          f"dB, SSIM {final.get('ssim', float('nan')):.4f}, temporal error {final.get('temporal_error', float('nan')):.4f}"
-          f"; {summary.get('time_per_step_s', float('nan')):.3f} s/step, peak "
-          f"{summary.get('peak_step_bytes', 0) / 2**20:.1f} MiB per step; wrote {config.out}")
+    return (f"{config.task}: {summary.get('steps_done', 0)} steps, held-out PSNR {final.get('psnr', float('nan')):.2f} "
+            f"dB, SSIM {final.get('ssim', float('nan')):.4f}, temporal error "
+            f"{final.get('temporal_error', float('nan')):.4f}; {summary.get('time_per_step_s', float('nan')):.3f} "
+            f"s/step, peak {summary.get('peak_step_bytes', 0) / 2**20:.1f} MiB per step; wrote {config.out}")
+
+
+def report(config: TrainConfig, record: dict, *, rank: int) -> None:
+    """Prints the run's summary line on rank 0: the rank that evaluates and writes the outputs."""
+    if rank == 0:
+        print(summary_line(config, record))
+
+
+def interrupted_message(config: TrainConfig) -> str:
+    checkpoint = committed_checkpoint(os.path.join(config.out, CHECKPOINT_FOLDER))
+    if checkpoint is None:
+        return "interrupted before the first checkpoint; nothing to resume"
+    return f"interrupted; the last checkpoint is in {checkpoint}: continue with the same options and --resume"
+
+
+def run_train(config: TrainConfig, fail) -> int:
+    from chopgrad.data.video_folder import VideoDecodeError
+
+    from .trainer import Run
+
+    try:
+        run = Run(config, log=lambda message: None if config.progress else print(message, file=sys.stderr))
+        record = run.train()
+    except VideoDecodeError as exc:  # a file under --data damaged where indexing could not see it
+        fail(f"--data {config.data!r}: {exc.summary()}")
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        fail(str(exc))
+    report(config, record, rank=run.ranks.rank)
     return 0

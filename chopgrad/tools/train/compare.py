@@ -27,9 +27,20 @@ REFERENCE = "full"
 
 
 def method_configs(config: TrainConfig) -> list[tuple[str, str, TrainConfig]]:
-    return [(name, label, replace(config, out=os.path.join(config.out, name), resume=False, progress=False,
-                                  **changes))
-            for name, label, changes in COMPARED_METHODS]
+    """(folder name, label, settings) of each compared method; ValueError names a setting no method can run with.
+
+    The latent-only run leaves the decoder alone even with train_decoder: its loss gives the decoder no gradient.
+    """
+    runs = []
+    for name, label, changes in COMPARED_METHODS:
+        if changes["method"] == "latent":
+            changes = {**changes, "train_decoder": False}
+        try:
+            runs.append((name, label, replace(config, out=os.path.join(config.out, name), resume=False,
+                                              progress=False, **changes)))
+        except ValueError as exc:
+            raise ValueError(f"--compare: the '{label}' run cannot be made: {exc}") from None
+    return runs
 
 
 def run_in_process(config: TrainConfig, timeout_s: float | None = None) -> dict:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 from chopgrad.data.tasks import TASKS
+from chopgrad.losses import ELEMENTWISE_LOSSES, LOSS_NAMES
 
 from .step import METHODS
 
@@ -17,6 +18,9 @@ QUICK = {"steps": 30, "frames": 9, "size": (32, 32), "eval_every": 10, "eval_cli
 
 #: settings that may differ between a run and its resumption: where it writes and how it shows progress
 RESUMABLE_DIFFERENCES = ("resume", "progress", "workers", "threads", "out")
+
+#: the largest --seed: clip seeds derived from it (see data.clip_seed) stay within torch's 64-bit seeds
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -90,8 +94,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("steps", "batch", "frames", "frame_stride", "width", "blocks", "eval_every", "eval_clips"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("samples", "checkpoint_every", "seed", "workers"):
+        for name in ("samples", "checkpoint_every", "workers"):
             _check_int(name, getattr(self, name), 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0 .. {MAX_SEED}, got {self.seed!r}")
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
         if self.warmup is not None:
@@ -109,8 +115,31 @@ class TrainConfig:
         _check_number("hole_weight", self.hole_weight, strict=True)
         if self.samples > self.eval_clips:
             raise ValueError(f"samples ({self.samples}) cannot exceed eval_clips ({self.eval_clips})")
-        if self.latent_weight == 0 and (self.method == "latent" or self.pixel_weight == 0) and not self.perceptual:
-            raise ValueError("the loss has no term: latent_weight is 0 and there is no pixel term")
+        pixel_terms = _pixel_loss_terms(self.pixel_loss)
+        if self.latent_weight == 0 and not self.has_pixel_term:
+            raise ValueError("the loss has no term: latent_weight is 0 and there is no pixel term (method 'latent', "
+                             "pixel_weight 0, or every pixel_loss and perceptual weight 0)")
+        if self.train_decoder and not self.has_pixel_term:
+            raise ValueError("--train-decoder: the decoder gets its gradient from the pixel term only, and this run "
+                             "has none (method 'latent', pixel_weight 0, or every pixel_loss and perceptual weight "
+                             "0); use --method chopgrad or full with a pixel loss, or drop --train-decoder")
+        if (self.task == "inpaint" and self.hole_weight != 1 and "ssim" in pixel_terms and self.method != "latent"
+                and self.pixel_weight > 0):
+            elementwise = ", ".join(ELEMENTWISE_LOSSES)
+            raise ValueError(f"--pixel-loss ssim: the inpaint task weights hole pixels --hole-weight "
+                             f"{self.hole_weight:g} times more through a loss mask, and the ssim loss takes no mask "
+                             f"(its windows straddle hole and background); use --hole-weight 1 (every pixel counts "
+                             f"alike, no mask) or only elementwise pixel losses ({elementwise})")
+
+    @property
+    def has_pixel_term(self) -> bool:
+        """Whether the loss has a pixel term that is not 0 by its weights."""
+        if self.method == "latent" or self.pixel_weight == 0:
+            return False
+        weights = list(_pixel_loss_terms(self.pixel_loss).values())
+        if self.perceptual:
+            weights.append(self.perceptual_weight)
+        return any(w > 0 for w in weights)
 
     def to_dict(self) -> dict:
         return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
@@ -135,10 +164,24 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _pixel_loss_terms(pixel_loss) -> dict:
+    """{loss name: weight} of a pixel_loss setting; ValueError for an unknown name or a weight that is not finite."""
+    known = ", ".join(sorted(LOSS_NAMES))
+    if isinstance(pixel_loss, str):
+        pixel_loss = {pixel_loss: 1.0}
+    if not isinstance(pixel_loss, dict) or not pixel_loss:
+        raise ValueError(f"pixel_loss must be a loss name or a non-empty {{name: weight}} dict, got {pixel_loss!r}")
+    for name, weight in pixel_loss.items():
+        if name not in LOSS_NAMES:
+            raise ValueError(f"pixel_loss: unknown pixel loss {name!r}; known: {known}")
+        _check_number(f"pixel_loss: the weight of {name!r}", weight, strict=False)
+    return dict(pixel_loss)
+
+
 def _check_number(name: str, value, *, strict: bool) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value > 0 if strict else value >= 0)
     if not ok or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}")
 
 
-__all__ = ["DTYPES", "QUICK", "SCHEDULES", "TrainConfig"]
+__all__ = ["DTYPES", "MAX_SEED", "QUICK", "SCHEDULES", "TrainConfig"]

@@ -122,10 +122,17 @@ def _single_threaded_worker(_worker_id: int) -> None:
 
 def step_loader(pairs: TaskPairs, start: int, stop: int, batch: int, *, rank: int = 0, world: int = 1,
                 workers: int = 0) -> DataLoader:
-    """Batches of steps ``start .. stop - 1`` of this rank, in order, made by `workers` processes."""
+    """Batches of steps ``start .. stop - 1`` of this rank, in order, made by `workers` processes.
+
+    The loader has a generator of its own: starting an iterator draws its workers' base seed from the loader's
+    generator, or else from torch's global one, which a model with dropout or noise sampling draws from too. A
+    resumed run starts its iterator after restoring the global random state, so a draw from it there would
+    shift every later random number against the uninterrupted run.
+    """
+    generator = torch.Generator().manual_seed(clip_seed(pairs.seed, pairs.split, start))
     return DataLoader(pairs, batch_sampler=StepBatches(start, stop, batch, rank, world), collate_fn=collate_pairs,
                       num_workers=workers, worker_init_fn=_single_threaded_worker if workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=generator)
 
 
 def split_held_out_files(files: list[str]) -> tuple[list[str], list[str]]:

@@ -9,6 +9,8 @@ video, plus the task's extra channels at latent resolution) to target latents
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable
 
 import torch
@@ -81,10 +83,17 @@ class OneStepLatentModel(nn.Module):
 
 
 def resolve_factory(spec: str, what: str = "--generator") -> Callable[..., nn.Module]:
-    """`"package.module:function"` -> that callable, with a clear error naming `what` if it does not resolve."""
+    """`"package.module:function"` -> that callable, with a clear error naming `what` if it does not resolve.
+
+    The module is looked up as ``python -m`` does: in the current folder first, then on ``sys.path``. The
+    ``chopgrad`` console script, unlike ``python -m chopgrad``, does not put the current folder on ``sys.path``.
+    """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ValueError(f"{what}: expected 'module:function', got {spec!r}")
     module_name, attribute = spec.split(":")
+    here = os.getcwd()
+    if not any(isinstance(entry, str) and os.path.abspath(entry or ".") == here for entry in sys.path):
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

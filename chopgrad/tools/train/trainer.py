@@ -34,7 +34,7 @@ from chopgrad.losses import per_frame
 from ..bench.bench import default_threads
 from ..bench.memory import PeakMemory
 from ..bench.workloads import check_frames, check_sizes, load_model
-from .checkpoint import CHECKPOINT_FOLDER, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FOLDER, committed_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import step_loader, task_datasets
 from .distributed import Ranks, leave, ranks_from_environment
@@ -117,14 +117,20 @@ class Run:
         if config.perceptual:
             resolve_factory(config.perceptual, "--perceptual")
         torch.set_num_threads(config.threads or default_threads())
-        self.vae = load_model(config.model).to(self.device).requires_grad_(False)
-        check_frames(self.vae, [config.frames])
-        check_sizes(self.vae, list(config.size))
         for side in config.size:
             if side % self.task.spatial_multiple:
                 raise ValueError(f"size: task {config.task!r} needs sides that are multiples of "
                                  f"{self.task.spatial_multiple}, got {config.size}")
         self.ranks = ranks_from_environment(self.device)
+        # the data first: a --data folder with no usable file fails before the model loads
+        train_clips = config.steps * config.batch * self.ranks.world
+        self.train_pairs, self.eval_pairs = task_datasets(
+            self.task, data=config.data, frames=config.frames, height=config.size[0], width=config.size[1],
+            frame_stride=config.frame_stride, seed=config.seed, train_clips=train_clips,
+            eval_clips=config.eval_clips, hole_weight=config.hole_weight)
+        self.vae = load_model(config.model).to(self.device).requires_grad_(False)
+        check_frames(self.vae, [config.frames])
+        check_sizes(self.vae, list(config.size))
         torch.manual_seed(config.seed)
         z_dim = self.vae.config.z_dim if hasattr(self.vae.config, "z_dim") else self.vae.config.latent_channels
         self.model = build_model(config, z_dim, extra_channels(self.task, z_dim)).to(self.device).train()
@@ -143,11 +149,6 @@ class Run:
         self.losses = LossSettings(latent_weight=config.latent_weight, pixel_loss=pixel_loss_spec(config, self.device),
                                    pixel_weight=config.pixel_weight, d_trunc=config.d_trunc,
                                    schedule=config.schedule, method=config.method)
-        train_clips = config.steps * config.batch * self.ranks.world
-        self.train_pairs, self.eval_pairs = task_datasets(
-            self.task, data=config.data, frames=config.frames, height=config.size[0], width=config.size[1],
-            frame_stride=config.frame_stride, seed=config.seed, train_clips=train_clips,
-            eval_clips=config.eval_clips, hole_weight=config.hole_weight)
         self.eval_batches = [self._on_device(Batch.of([self.eval_pairs[j]])) for j in range(len(self.eval_pairs))]
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
                          if config.dtype == "bf16" else nullcontext)
@@ -170,7 +171,7 @@ class Run:
         return os.path.join(self.config.out, CHECKPOINT_FOLDER)
 
     def restore(self) -> None:
-        if not os.path.isdir(self.checkpoint_folder):
+        if committed_checkpoint(self.checkpoint_folder) is None:
             raise ValueError(f"--resume: no checkpoint in {self.checkpoint_folder!r}")
         state = load_checkpoint(self.checkpoint_folder, model=self.saved, optimizer=self.optimizer,
                                 scheduler=self.scheduler)
