@@ -35,7 +35,7 @@ class Clamp(IntEnum):
 def _torch_clamp_passes_gradient_at_its_bounds() -> bool:
     """Whether ``torch.clamp`` passes the gradient where its input equals a bound (torch <= 2.13: yes; 2.14: no)."""
     with torch.inference_mode(False), torch.enable_grad():
-        x = torch.tensor([-1.0, 1.0], requires_grad=True)
+        x = torch.tensor([-1.0, 1.0], device="cpu", requires_grad=True)
         (grad,) = torch.autograd.grad(torch.clamp(x, -1.0, 1.0).sum(), x)
     return bool(grad.all())
 
