@@ -90,8 +90,6 @@ def test_resume_needs_a_checkpoint_made_with_the_same_settings(tmp_path, capsys)
 
 @pytest.mark.parametrize("argv,message", [
     (["--task", "deblur"], "invalid choice: 'deblur'"),
-    (["--task", "vsr", "--frames", "10"], "--frames: "),
-    (["--task", "vsr", "--size", "20"], "--size: "),
     (["--task", "vsr", "--generator", "no_such_module_xyz:make"], "--generator: cannot import module"),
     (["--task", "vsr", "--generator", "train_factories"], "--generator: expected 'module:function'"),
     (["--task", "vsr", "--generator", "train_factories:missing"], "has no callable 'missing'"),
@@ -102,8 +100,42 @@ def test_resume_needs_a_checkpoint_made_with_the_same_settings(tmp_path, capsys)
     (["--task", "vsr", "--d-trunc", "-1"], "--d-trunc"),
     (["--task", "vsr", "--compare", "--method", "full"], "--compare trains every method afresh"),
     (["--task", "vsr", "--compare", "--resume"], "drop --resume"),
+    (["--task", "vsr", "--train-decoder", "--method", "latent"],
+     "--train-decoder: the decoder gets its gradient from the pixel term only"),
+    (["--task", "vsr", "--train-decoder", "--pixel-weight", "0"], "--train-decoder: "),
+    (["--task", "vsr", "--latent-weight", "0", "--pixel-loss", "mse=0"], "the loss has no term"),
+    (["--task", "vsr", "--latent-weight", "0", "--pixel-loss", "mse=0", "l1=0"], "the loss has no term"),
+    (["--task", "vsr", "--compare", "--latent-weight", "0"],
+     "--compare: the 'latent loss only' run cannot be made: the loss has no term"),
+    (["--task", "vsr", "--pixel-loss", "mse=inf"], "the weight of 'mse' must be a finite number >= 0, got inf"),
+    (["--task", "vsr", "--pixel-loss", "mse=nan"], "the weight of 'mse' must be a finite number >= 0, got nan"),
+    (["--task", "vsr", "--seed", "4600000000000"], "argument --seed: expected an integer in 0 .. 4294967295"),
+    (["--task", "inpaint", "--pixel-loss", "ssim"],
+     "--pixel-loss ssim: the inpaint task weights hole pixels --hole-weight 2 times more through a loss mask"),
+    (["--task", "inpaint", "--pixel-loss", "mse", "ssim=0.5", "--hole-weight", "3"], "use --hole-weight 1"),
+    (["--task", "vsr", "--pixel-loss", "mse=1", "mse=2"],
+     "--pixel-loss: 'mse' given more than once (mse=1 mse=2); give each term once"),
 ])
-def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    import chopgrad.tools.cli as cli
+
+    def no_model_may_load(name):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_model_may_load)
+    _fails_with_a_usage_error(tmp_path, capsys, argv, message)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "vsr", "--frames", "10"], "--frames: "),
+    (["--task", "vsr", "--size", "20"], "--size: "),
+])
+def test_shapes_the_model_cannot_decode_fail_before_training(tmp_path, capsys, argv, message):
+    """Checked against the model's configuration, so the model loads, but nothing trains."""
+    _fails_with_a_usage_error(tmp_path, capsys, argv, message)
+
+
+def _fails_with_a_usage_error(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *argv, "--model", "tiny-wan21", "--out", str(out)])
