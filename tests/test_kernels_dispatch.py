@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -50,26 +51,63 @@ def test_forced_triton_on_cpu(monkeypatch):
 
 
 def test_the_switch_picks_the_path_on_every_device(monkeypatch):
-    """``1`` runs the Triton kernel and ``0`` the PyTorch reference, on CUDA and CPU tensors alike."""
+    """``1`` runs the Triton kernel and ``0`` the PyTorch reference, on CUDA and CPU tensors alike.
+
+    Which path ran is read off the Python calls the op makes (a profile hook matching the two functions by
+    name and file), not by replacing module attributes: that would see nothing if the op's implementation
+    were bound to another copy of the module, and the message then says what did run.
+    """
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not dispatch.interpreter_ready():
         pytest.skip("Triton interpreter not active")
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
     from chopgrad.kernels import pixel_losses
 
-    ran = []
-    real_triton, real_reference = pixel_losses._pixel_loss_triton, pixel_losses._pixel_loss_reference
-    monkeypatch.setattr(pixel_losses, "_pixel_loss_triton", lambda *a, **k: ran.append("triton") or real_triton(*a, **k))
-    monkeypatch.setattr(pixel_losses, "_pixel_loss_reference",
-                        lambda *a, **k: ran.append("reference") or real_reference(*a, **k))
+    paths = {"_pixel_loss_triton": "triton", "_pixel_loss_reference": "reference"}
+    source = Path(pixel_losses.__file__).name
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and Path(frame.f_code.co_filename).name == source:
+            calls.append(frame.f_code.co_name)
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(1, 2, 2, 4, 4, device=device)
     for switch, path in (("1", "triton"), ("0", "reference"), ("1", "triton")):
         monkeypatch.setenv(ENV_FORCE_TRITON, switch)
-        ran.clear()
-        sums, grad = kernels.pixel_loss_value_and_grad(x, torch.zeros_like(x), kind="mse")
-        assert ran == [path], f"{ENV_FORCE_TRITON}={switch} on {device} ran {ran}, expected [{path!r}]"
+        calls.clear()
+        sys.setprofile(profile)
+        try:
+            sums, grad = kernels.pixel_loss_value_and_grad(x, torch.zeros_like(x), kind="mse")
+        finally:
+            sys.setprofile(None)
+        ran = [paths[name] for name in calls if name in paths]
+        assert ran == [path], (
+            f"{ENV_FORCE_TRITON}={switch} on {device} ran {ran}, expected [{path!r}]; calls into {source}: {calls}; "
+            f"dispatch modes active: {_get_current_dispatch_mode_stack()}")
         torch.testing.assert_close(grad, 2 * x)
         torch.testing.assert_close(sums, x.square().sum(dim=(1, 3, 4)))
+
+
+def test_the_ops_run_the_imported_module():
+    """Each op's implementation belongs to the ``chopgrad.kernels`` module a user imports.
+
+    A second copy of a kernel module (imported under another name, or by path) would register its ops first or
+    last, and patches or settings applied to the imported module would then not reach the op.
+    """
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    copies = [m for m in sys.modules if m.endswith(("pixel_losses", "rms_norm_silu", "causal_pad", ".ssim"))
+              and not m.startswith("chopgrad.kernels.")]
+    assert not copies, f"kernel modules imported under other names: {copies}"
+    for name, op in (("pixel_losses", "pixel_loss_value_and_grad"), ("ssim", "ssim_value_and_grad"),
+                     ("rms_norm_silu", "rms_norm_silu"), ("causal_pad", "causal_pad")):
+        module = importlib.import_module(f"chopgrad.kernels.{name}")  # the package's functions shadow two names
+        opdef = _maybe_get_opdef(f"chopgrad::{op}")
+        assert opdef is not None, op
+        assert opdef._init_fn.__globals__ is module.__dict__, (
+            f"chopgrad::{op} runs {opdef._init_fn.__module__} from {opdef._init_fn.__code__.co_filename}")
 
 
 def test_fused_ops_available_reports_every_op(monkeypatch):
