@@ -7,19 +7,17 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from . import _ext
 from .adapters import DecodePlan, DecoderAdapter, wrap
 from .adapters.base import layerwise_cast_trainable_parameters
 from .adapters.tiling import TILE_GRADS, supports_exact_tiling, tiled
 from .adapters.wan_patch import lean_decoder
-from .decoder_steps import ReplayedRandomness, engine_step
+from .decoder_steps import ReplayedRandomness, build_engine
+from .differentiable_decode import DecodeFunction, DecodeRun, decode_without_graph
 from .frames import FrameInput, FrameSource, optional_source
 from .losses import LossSpec, resolve_loss
 from .video_loss import VideoLoss
 
 SCHEDULES = ("sliding", "chunked", "sliding_recompute")
-#: Latents are (B, C, T, h, w): decoder steps cut them along T.
-LATENT_TIME_DIM = 2
 REDUCTIONS = ("mean", "sum")
 
 
@@ -128,6 +126,27 @@ def _check_no_active_dropout(model, name: str) -> None:
                          f"call vae.eval() (or set the dropout to 0), or use tile=None")
 
 
+def _check_gradient_options(d_trunc, schedule: str, clamp: bool, lean: bool) -> int:
+    """The engine's truncation distance, after checking the options `pixel_loss` and `decode` share."""
+    d = _check_d_trunc(d_trunc)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not isinstance(clamp, bool):
+        raise TypeError(f"clamp must be a bool, got {clamp!r}")
+    if not isinstance(lean, bool):
+        raise TypeError(f"lean must be a bool, got {lean!r}")
+    return d
+
+
+def _check_trainable_not_cast(adapter: DecoderAdapter) -> None:
+    cast_trainable = layerwise_cast_trainable_parameters(adapter.model)
+    if cast_trainable:
+        raise ValueError(f"vae_or_decoder: {len(cast_trainable)} parameters that require grad (e.g. "
+                         f"{cast_trainable[0]!r}) are stored with diffusers' layerwise casting, which defines no "
+                         f"gradient for a low-precision stored weight: freeze them (requires_grad_(False)) to train "
+                         f"through a frozen cast decoder, or disable layerwise casting to fine-tune it")
+
+
 def _prepare(vae_or_decoder, latents) -> tuple[DecoderAdapter, DecodePlan]:
     adapter = wrap(vae_or_decoder)
     if isinstance(latents, torch.Tensor):
@@ -220,15 +239,9 @@ def pixel_loss(
     group offloading work: each step keeps the compute-dtype, onloaded
     weights it used until its backward.
     """
-    d = _check_d_trunc(d_trunc)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    d = _check_gradient_options(d_trunc, schedule, clamp, lean)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(clamp, bool):
-        raise TypeError(f"clamp must be a bool, got {clamp!r}")
-    if not isinstance(lean, bool):
-        raise TypeError(f"lean must be a bool, got {lean!r}")
     terms = resolve_loss(loss)
     adapter, plan = _prepare(vae_or_decoder, latents)
     adapter = _with_tiling(adapter, plan, latents, tile, tile_grad, tile_halo)
@@ -236,22 +249,15 @@ def pixel_loss(
     d = min(d, plan.num_steps)
     supervised = _supervised_steps(groups, plan.num_steps)
     wants_grad = torch.is_grad_enabled()
-    cast_trainable = layerwise_cast_trainable_parameters(adapter.model) if wants_grad else []
-    if cast_trainable:
-        raise ValueError(f"vae_or_decoder: {len(cast_trainable)} parameters that require grad (e.g. "
-                         f"{cast_trainable[0]!r}) are stored with diffusers' layerwise casting, which defines no "
-                         f"gradient for a low-precision stored weight: freeze them (requires_grad_(False)) to train "
-                         f"through a frozen cast decoder, or disable layerwise casting to fine-tune it")
+    if wants_grad:
+        _check_trainable_not_cast(adapter)
     target_source = FrameSource(target, "target", plan.video_shape, constant=wants_grad)
     mask_source = optional_source(mask, "mask", plan.video_shape, allow_single_channel=True, constant=wants_grad,
                                   weights=True)
     video_loss = VideoLoss(adapter, plan, terms, target_source, mask_source, reduction, clamp, supervised)
     # Only the recomputed sliding schedule runs a step more than once.
     replay = ReplayedRandomness(latents.device, d + 1) if schedule == "sliding_recompute" and d >= 0 else None
-    engine = _ext.load_extension().Engine(
-        step=engine_step(adapter, plan, replay), loss=video_loss, group_bounds=list(plan.group_bounds),
-        supervised=supervised, d_trunc=d, schedule=schedule, initial_state=adapter.initial_state(),
-        time_dim=LATENT_TIME_DIM)
+    engine = build_engine(adapter, plan, video_loss, supervised, d, schedule, replay)
     # The gradient is computed inside the engine's forward, so the fused ops are needed only during this call.
     with lean_decoder(adapter.model) if lean else nullcontext():
         if wants_grad:
@@ -263,35 +269,63 @@ def decode(
     vae_or_decoder,
     latents: torch.Tensor,
     *,
+    d_trunc: Optional[int] = 1,
+    schedule: str = "sliding",
     clamp: bool = True,
     callback: Optional[Callable[[slice, torch.Tensor], None]] = None,
     lean: bool = True,
+    tile=None,
+    tile_grad: str = "exact",
+    tile_halo=None,
 ) -> Optional[torch.Tensor]:
-    """Decodes `latents` step by step without building a graph; equals the model's own decode.
+    """Decodes `latents` step by step; equals the model's own decode, and carries the truncated gradient.
 
-    Memory holds one step's activations and one state. Without `callback` the
-    frames are written into one preallocated (B, C, F, H, W) video that is
-    returned; with `callback(frame_slice, frames)` each step's frames are
-    handed over as they are made and nothing is returned (streaming).
-    `lean` runs a Wan decoder on chopgrad's fused ops for this call, as in
-    `pixel_loss`.
+    Returns the (B, C, F, H, W) video `vae.decode(latents).sample`. Memory holds
+    one step's activations and one state besides the video.
+
+    When gradients are wanted (grad mode on, and `latents` or a decoder
+    parameter requires grad), the video is part of the autograd graph:
+    `loss_fn(video).backward()` delivers, for any loss on the whole video, the
+    truncated gradient of docs/design.md section 2 to `latents` and to every
+    decoder parameter with requires_grad: the cotangent of decoder step g's
+    frames flows back through steps g-d_trunc .. g only ("sliding", also
+    "sliding_recompute"), or to the start of its chunk ("chunked").
+    `d_trunc=None` gives the exact gradient. Forward keeps no step
+    activations; backward decodes once more (as `pixel_loss` does), so its
+    peak memory grows with the frame count only by the video and its
+    gradient. For a loss that is a sum of per-step terms (MSE, SSIM, LPIPS
+    per frame), `pixel_loss` is cheaper: it needs no video-sized tensors and
+    one decode less.
+
+    Args:
+        vae_or_decoder: a diffusers AutoencoderKLWan / AutoencoderKLCogVideoX, or an adapter.
+        latents: (B, z_dim, T, h, w) latents.
+        d_trunc, schedule, lean, tile, tile_grad, tile_halo: as in `pixel_loss`;
+            they shape the gradient and the backward's memory, never the video.
+        clamp: apply the model's own output clamp (and its gradient).
+        callback: `callback(frame_slice, frames)` receives each step's frames
+            as they are made and nothing is returned (streaming). It carries
+            no gradient, so it is refused while gradients are wanted.
+
+    Under torch.no_grad(), or when nothing requires grad, no graph is built.
+    Double backward (`create_graph=True`) is not supported and raises. A
+    decoder in train mode draws the same random numbers (dropout) in backward
+    as in forward.
     """
-    if not isinstance(lean, bool):
-        raise TypeError(f"lean must be a bool, got {lean!r}")
+    d = _check_gradient_options(d_trunc, schedule, clamp, lean)
+    if tile_grad not in TILE_GRADS:
+        raise ValueError(f"tile_grad must be one of {TILE_GRADS}, got {tile_grad!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (frame_slice, frames) -> None, got {type(callback).__name__}")
     adapter, plan = _prepare(vae_or_decoder, latents)
-    step = engine_step(adapter, plan)
-    video = None
-    with torch.no_grad(), lean_decoder(adapter.model) if lean else nullcontext():
-        state = adapter.initial_state()
-        for g in range(plan.num_steps):
-            z = latents[:, :, plan.group_bounds[g]:plan.group_bounds[g + 1]]
-            frames, state = step(g, z, state)
-            if clamp:
-                frames = adapter.clamp(frames)
-            if callback is not None:
-                callback(plan.frame_slice(g), frames)
-                continue
-            if video is None:
-                video = torch.empty(plan.video_shape, device=frames.device, dtype=frames.dtype)
-            video[:, :, plan.frame_slice(g)] = frames
-    return video
+    trainable = [p for p in adapter.parameters() if p.requires_grad]
+    if not (torch.is_grad_enabled() and (latents.requires_grad or trainable)):
+        return decode_without_graph(adapter, plan, latents, clamp=clamp, lean=lean, callback=callback)
+    if callback is not None:
+        raise ValueError("callback streams frames out without a graph, so it cannot carry a gradient: call decode "
+                         "without callback to get a differentiable video, or under torch.no_grad() to stream")
+    _check_trainable_not_cast(adapter)
+    backward_adapter = _with_tiling(adapter, plan, latents, tile, tile_grad, tile_halo)
+    d = min(d, plan.num_steps)
+    run = DecodeRun(adapter, backward_adapter, plan, d, schedule, clamp, lean, trainable, latents.device)
+    return DecodeFunction.apply(run, latents, *trainable)

@@ -20,11 +20,15 @@ never needs:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from . import _ext
 from .adapters import DecodePlan, DecoderAdapter
+
+#: Latents are (B, C, T, h, w): decoder steps cut them along T.
+LATENT_TIME_DIM = 2
 
 
 class ReplayedRandomness:
@@ -95,3 +99,12 @@ def engine_step(adapter: DecoderAdapter, plan: DecodePlan, replay: ReplayedRando
         return frames, next_state
 
     return step
+
+
+def build_engine(adapter: DecoderAdapter, plan: DecodePlan, loss: Callable, supervised: list[bool], d_trunc: int,
+                 schedule: str, replay: Optional[ReplayedRandomness] = None):
+    """The C++ engine for one run over `plan`: `loss(step, raw_frames, need_grad)` is the per-step loss callback."""
+    return _ext.load_extension().Engine(
+        step=engine_step(adapter, plan, replay), loss=loss, group_bounds=list(plan.group_bounds),
+        supervised=supervised, d_trunc=d_trunc, schedule=schedule, initial_state=adapter.initial_state(),
+        time_dim=LATENT_TIME_DIM)
