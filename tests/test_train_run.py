@@ -48,11 +48,14 @@ def test_cli_run_writes_every_output(tmp_path, task, capsys):
     assert "held-out PSNR" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("generator", [None, "train_factories:dropout"], ids=["default", "dropout"])
-def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, generator):
+@pytest.mark.parametrize("settings", [{}, {"generator": "train_factories:dropout"},
+                                      {"video_loss": "train_factories:make_critic", "video_loss_weight": 0.5}],
+                         ids=["default", "dropout", "video_loss"])
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, settings):
     """Also with a model that draws random numbers while it trains (dropout): nothing else may draw from torch's
-    generator between the restored random state and the first resumed step (the data loader has its own)."""
-    settings = dict(task="inpaint", generator=generator)
+    generator between the restored random state and the first resumed step (the data loader has its own). And
+    with a randomly initialized video critic, which the resumed run must build with the same weights."""
+    settings = dict(task="inpaint", **settings)
     uninterrupted = train(tiny_config(tmp_path / "a", **settings))
 
     original_step = Run.step
@@ -101,7 +104,7 @@ def test_resume_needs_a_checkpoint_made_with_the_same_settings(tmp_path, capsys)
     (["--task", "vsr", "--compare", "--method", "full"], "--compare trains every method afresh"),
     (["--task", "vsr", "--compare", "--resume"], "drop --resume"),
     (["--task", "vsr", "--train-decoder", "--method", "latent"],
-     "--train-decoder: the decoder gets its gradient from the pixel term only"),
+     "--train-decoder: the decoder gets its gradient from the pixel term and the video loss only"),
     (["--task", "vsr", "--train-decoder", "--pixel-weight", "0"], "--train-decoder: "),
     (["--task", "vsr", "--latent-weight", "0", "--pixel-loss", "mse=0"], "the loss has no term"),
     (["--task", "vsr", "--latent-weight", "0", "--pixel-loss", "mse=0", "l1=0"], "the loss has no term"),
@@ -184,10 +187,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_step(rank: int, port: int, out: str) -> None:
+def _rank_step(rank: int, port: int, out: str, settings: dict) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    run = Run(tiny_config(Path(out) / "ddp", task="inpaint", batch=1, grad_clip=0.0))
+    run = Run(tiny_config(Path(out) / "ddp", task="inpaint", batch=1, grad_clip=0.0, **settings))
     try:
         from chopgrad.tools.train.data import step_loader
 
@@ -199,9 +202,12 @@ def _rank_step(rank: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_two_rank_gloo_step_equals_one_process_on_the_union_of_the_clips(tmp_path):
-    torch.multiprocessing.spawn(_rank_step, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    run = Run(tiny_config(tmp_path / "single", task="inpaint", batch=2, grad_clip=0.0))
+@pytest.mark.parametrize("settings", [{}, {"video_loss": "train_factories:make_critic", "video_loss_weight": 0.5}],
+                         ids=["default", "video_loss"])
+def test_two_rank_gloo_step_equals_one_process_on_the_union_of_the_clips(tmp_path, settings):
+    """The video critic averages over the clips, so its term over the union is the mean of the ranks' terms."""
+    torch.multiprocessing.spawn(_rank_step, args=(_free_port(), str(tmp_path), settings), nprocs=2, join=True)
+    run = Run(tiny_config(tmp_path / "single", task="inpaint", batch=2, grad_clip=0.0, **settings))
     from chopgrad.tools.train.data import step_loader
 
     row = run.step(run._on_device(next(iter(step_loader(run.train_pairs, 0, 1, 2)))))

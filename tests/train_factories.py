@@ -1,4 +1,4 @@
-"""Factories that `chopgrad train --generator` / `--perceptual` resolve in the tests."""
+"""Factories that `chopgrad train --generator` / `--perceptual` / `--video-loss` resolve in the tests."""
 import torch
 import torch.nn as nn
 
@@ -51,3 +51,53 @@ class DropoutGenerator(nn.Module):
 
 def dropout(in_channels: int, out_channels: int) -> nn.Module:
     return DropoutGenerator(in_channels, out_channels)
+
+
+# ---------------------------------------------------------------- --video-loss: whole-clip losses
+
+class ConvCritic(nn.Module):
+    """A video critic stand-in: two 3D convolutions score space-time patches of a (B, 3, F, H, W) clip, and the
+    loss is the non-saturating generator loss softplus(-score), averaged. Its weights are torch's default
+    initialization, so they depend on the global random state the trainer seeds."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.SiLU(), nn.Conv3d(4, 1, 3, stride=2, padding=1))
+
+    def forward(self, video):
+        return nn.functional.softplus(-self.net(video)).mean()
+
+
+def make_critic():
+    return ConvCritic()
+
+
+def frame_difference():
+    """A temporal loss (a plain function, not a module): mean |frame t+1 - frame t|, which flicker raises."""
+
+    def loss(video):
+        return (video[:, :, 1:] - video[:, :, :-1]).abs().mean()
+
+    return loss
+
+
+def not_a_critic():
+    return 42
+
+
+def critic_needing_weights(weights_path):
+    return ConvCritic()
+
+
+def per_frame_scores():
+    """Returns one value per frame instead of a scalar."""
+    return lambda video: video.mean(dim=(0, 1, 3, 4))
+
+
+def detached_critic():
+    """Returns a value computed off the graph: it would add to the loss and nothing to the gradient."""
+    return lambda video: video.detach().abs().mean()
+
+
+def float_critic():
+    return lambda video: video.abs().mean().item()

@@ -456,7 +456,7 @@ def cmd_train(args) -> int:
     _check_device(args)
     _check_model(args)
     _check_out(config.out, COMPARE_FILES if args.compare else TRAIN_FILES)
-    check_before_work(config, fail, overwrite=args.overwrite)
+    video_critic = check_before_work(config, fail, overwrite=args.overwrite)
     _check_shapes(_load_model(config.model), [config.frames], [*config.size], size_option="--size")
     if args.overwrite:
         remove_outputs(config.out)
@@ -472,7 +472,7 @@ def cmd_train(args) -> int:
             print(f"\n{len(comparison['rows'])} runs in {time.monotonic() - t0:.0f} s; wrote {config.out}/compare.md, "
                   f"compare.json, compare.png")
             return 0
-        return run_train(config, fail)
+        return run_train(config, fail, video_critic)
     except KeyboardInterrupt:
         print(f"\n{'interrupted' if args.compare else interrupted_message(config)}", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ from chopgrad.data.tasks import TASKS
 
 from .checkpoint import CHECKPOINT_FOLDER, PARTIAL_SUFFIX, PREVIOUS_SUFFIX, committed_checkpoint
 from .compare import COMPARED_METHODS
-from .config import MAX_SEED, QUICK, SCHEDULES, TrainConfig
+from .config import MAX_SEED, QUICK, SCHEDULES, TrainConfig, video_loss_weight_problem
 from .step import METHODS
 
 TRAIN_FILES = ("metrics.json", "metrics.csv", "curves.png")
@@ -31,9 +31,16 @@ module:function replaces it: function(in_channels=..., out_channels=...) must re
 (B, in_channels, T, h, w) to (B, out_channels, T, h, w), causal in time.
 
 the loss: --latent-weight * MSE(latents) + --pixel-weight * pixel loss of the decoded video (--pixel-loss terms,
-plus --perceptual-weight * the --perceptual image loss per frame). --method chopgrad computes the pixel term
-with chopgrad.pixel_loss (--d-trunc, --schedule), full with plain autograd through the model's own decode,
-latent leaves it out.
+plus --perceptual-weight * the --perceptual image loss per frame) + --video-loss-weight * --video-loss of the
+whole decoded clip. --method chopgrad computes the pixel term with chopgrad.pixel_loss and the video loss on
+chopgrad.decode's clip (--d-trunc, --schedule), full both with plain autograd through the model's own decode,
+latent leaves both out (and refuses --video-loss).
+
+--video-loss module:function: function() (called without arguments, with torch's generator seeded by --seed)
+returns a callable (a function or nn.Module: a 3D-conv critic, a temporal-consistency loss, ...) mapping the
+(B, 3, F, H, W) decoded clips in [-1, 1] to a scalar tensor; a mean over the clips keeps --batch and data
+parallel runs comparable. It is frozen (an nn.Module's parameters stop requiring grad, eval mode) and moved to
+--device in fp32; nothing is downloaded.
 
 outputs in --out: metrics.json, metrics.csv, curves.png, samples/ (grid PNGs and mp4s of held-out clips),
 checkpoint/ (for --resume), decoder/ (with --train-decoder). With --compare: one folder per method plus
@@ -69,6 +76,17 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer in 0 .. {MAX_SEED}, got {text!r}") from None
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected an integer in 0 .. {MAX_SEED}, got {value}")
+    return value
+
+
+def _video_loss_weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    problem = video_loss_weight_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -124,6 +142,12 @@ def add_train_command(parser, subparsers, *, positive_int, nonneg_int, positive_
                    "in [-1, 1] to a loss (LPIPS, DISTS, ... with weights you have on disk; nothing is downloaded)")
     t.add_argument("--perceptual-weight", type=nonneg_float, help=f"weight of --perceptual "
                    f"{default('perceptual_weight')}")
+    t.add_argument("--video-loss", metavar="MODULE:FUNCTION", help="a whole-clip loss added to the training loss: "
+                   "FUNCTION() returns a callable (or module) mapping the (B, 3, F, H, W) decoded clips in [-1, 1] "
+                   "to a scalar tensor (a video critic, a temporal loss; see below); MODULE is imported as for "
+                   "--generator; not with --method latent")
+    t.add_argument("--video-loss-weight", type=_video_loss_weight, metavar="W", help="weight of --video-loss, a "
+                   "finite number > 0 (default: 1.0; only with --video-loss)")
     t.add_argument("--hole-weight", type=positive_float, help=f"inpaint: how much more a hole pixel counts in the "
                    f"pixel loss {default('hole_weight')}")
     t.add_argument("--lr", type=positive_float, help=f"peak learning rate of the model {default('lr')}")
@@ -172,7 +196,8 @@ def config_from_args(args) -> TrainConfig:
     for name in ("data", "model", "device", "dtype", "steps", "batch", "frames", "frame_stride", "method",
                  "schedule", "latent_weight", "pixel_weight", "perceptual", "perceptual_weight", "hole_weight",
                  "lr", "decoder_lr", "weight_decay", "warmup", "grad_clip", "width", "blocks", "generator",
-                 "eval_every", "eval_clips", "samples", "checkpoint_every", "seed", "workers", "threads", "out"):
+                 "eval_every", "eval_clips", "samples", "checkpoint_every", "seed", "workers", "threads", "out",
+                 "video_loss", "video_loss_weight"):
         value = getattr(args, name, None)
         if value is None and args.quick and name in QUICK:
             value = QUICK[name]
@@ -184,6 +209,9 @@ def config_from_args(args) -> TrainConfig:
         values["size"] = tuple(args.size) * (2 // len(args.size))
     elif args.quick:
         values["size"] = QUICK["size"]
+    if args.video_loss_weight is not None and args.video_loss is None:
+        raise ValueError(f"--video-loss-weight {args.video_loss_weight:g} is given without --video-loss: it weights "
+                         f"the --video-loss term; give --video-loss module:function too, or drop the weight")
     if hasattr(args, "d_trunc"):  # given ('none' included)
         values["d_trunc"] = args.d_trunc
     if args.pixel_loss:
@@ -200,9 +228,14 @@ def config_from_args(args) -> TrainConfig:
                        progress=not args.no_progress, **values)
 
 
-def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False) -> None:
-    """The checks that need no model: the output folder, the data folder, the factories."""
+def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False):
+    """The checks that need no model: the output folder, the data folder, the factories.
+
+    Returns the --video-loss critic it built to check what function() returns (None without --video-loss), for
+    run_train to use rather than build it again.
+    """
     from .model import resolve_factory
+    from .step import make_video_critic
 
     checkpoint = os.path.join(config.out, CHECKPOINT_FOLDER)
     if config.resume and overwrite:
@@ -228,6 +261,12 @@ def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False) -> 
                 resolve_factory(spec, option)
             except ValueError as exc:
                 fail(str(exc))
+    if config.video_loss is None:
+        return None
+    try:
+        return make_video_critic(config.video_loss, config.seed)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def _check_data_folder(config: TrainConfig, fail) -> None:
@@ -281,13 +320,15 @@ def interrupted_message(config: TrainConfig) -> str:
     return f"interrupted; the last checkpoint is in {checkpoint}: continue with the same options and --resume"
 
 
-def run_train(config: TrainConfig, fail) -> int:
+def run_train(config: TrainConfig, fail, video_critic=None) -> int:
+    """Trains `config`; `video_critic`: the one check_before_work built (None: the run builds its own)."""
     from chopgrad.data.video_folder import VideoDecodeError
 
     from .trainer import Run
 
     try:
-        run = Run(config, log=lambda message: None if config.progress else print(message, file=sys.stderr))
+        run = Run(config, log=lambda message: None if config.progress else print(message, file=sys.stderr),
+                  video_critic=video_critic)
         record = run.train()
     except VideoDecodeError as exc:  # a file under --data damaged where indexing could not see it
         fail(f"--data {config.data!r}: {exc.summary()}")

@@ -30,11 +30,13 @@ def method_configs(config: TrainConfig) -> list[tuple[str, str, TrainConfig]]:
     """(folder name, label, settings) of each compared method; ValueError names a setting no method can run with.
 
     The latent-only run leaves the decoder alone even with train_decoder: its loss gives the decoder no gradient.
+    It also trains without video_loss, which scores a decoded clip the latent-only loss never makes; every other
+    method adds the video loss.
     """
     runs = []
     for name, label, changes in COMPARED_METHODS:
         if changes["method"] == "latent":
-            changes = {**changes, "train_decoder": False}
+            changes = {**changes, "train_decoder": False, "video_loss": None, "video_loss_weight": 1.0}
         try:
             runs.append((name, label, replace(config, out=os.path.join(config.out, name), resume=False,
                                               progress=False, **changes)))

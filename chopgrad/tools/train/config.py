@@ -1,6 +1,7 @@
 """The settings of a training run, their defaults, the --quick preset, and the checks done before any work."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
@@ -29,6 +30,8 @@ class TrainConfig:
 
     method: "chopgrad" (pixel_loss at d_trunc / schedule), "full" (the same pixel loss with plain autograd
         through the model's own decode) or "latent" (no pixel term).
+    video_loss: "module:function" of a whole-clip loss (see step.make_video_critic), added as
+        video_loss_weight * critic(decoded clip); needs a method that decodes (not "latent").
     dtype: "fp32", or "bf16" for bf16 autocast of the model and decoder compute (weights and optimizer state
         stay fp32).
     warmup: linear warm-up steps of the learning rate, then cosine decay to 0 at `steps`; None: 5% of steps.
@@ -41,6 +44,8 @@ class TrainConfig:
     generator: Optional[str] = None
     perceptual: Optional[str] = None
     perceptual_weight: float = 0.1
+    video_loss: Optional[str] = None
+    video_loss_weight: float = 1.0
     device: str = "cpu"
     dtype: str = "fp32"
     steps: int = 300
@@ -116,13 +121,15 @@ class TrainConfig:
         if self.samples > self.eval_clips:
             raise ValueError(f"samples ({self.samples}) cannot exceed eval_clips ({self.eval_clips})")
         pixel_terms = _pixel_loss_terms(self.pixel_loss)
-        if self.latent_weight == 0 and not self.has_pixel_term:
+        self._check_video_loss()
+        if self.latent_weight == 0 and not self.has_pixel_term and self.video_loss is None:
             raise ValueError("the loss has no term: latent_weight is 0 and there is no pixel term (method 'latent', "
-                             "pixel_weight 0, or every pixel_loss and perceptual weight 0)")
-        if self.train_decoder and not self.has_pixel_term:
-            raise ValueError("--train-decoder: the decoder gets its gradient from the pixel term only, and this run "
-                             "has none (method 'latent', pixel_weight 0, or every pixel_loss and perceptual weight "
-                             "0); use --method chopgrad or full with a pixel loss, or drop --train-decoder")
+                             "pixel_weight 0, or every pixel_loss and perceptual weight 0) and no video_loss")
+        if self.train_decoder and not self.has_pixel_term and self.video_loss is None:
+            raise ValueError("--train-decoder: the decoder gets its gradient from the pixel term and the video loss "
+                             "only, and this run has neither (method 'latent', pixel_weight 0, or every pixel_loss "
+                             "and perceptual weight 0, and no --video-loss); use --method chopgrad or full with a "
+                             "pixel loss or --video-loss, or drop --train-decoder")
         if (self.task == "inpaint" and self.hole_weight != 1 and "ssim" in pixel_terms and self.method != "latent"
                 and self.pixel_weight > 0):
             elementwise = ", ".join(ELEMENTWISE_LOSSES)
@@ -130,6 +137,21 @@ class TrainConfig:
                              f"{self.hole_weight:g} times more through a loss mask, and the ssim loss takes no mask "
                              f"(its windows straddle hole and background); use --hole-weight 1 (every pixel counts "
                              f"alike, no mask) or only elementwise pixel losses ({elementwise})")
+
+    def _check_video_loss(self) -> None:
+        if self.video_loss is None:
+            if self.video_loss_weight != 1.0:
+                raise ValueError(f"video_loss_weight ({self.video_loss_weight!r}) is set but video_loss is not: the "
+                                 f"weight scales the video_loss term; give video_loss too, or leave the weight out")
+            return
+        if not isinstance(self.video_loss, str):
+            raise ValueError(f"video_loss must be a 'module:function' string, got {self.video_loss!r}")
+        problem = video_loss_weight_problem(self.video_loss_weight)
+        if problem:
+            raise ValueError(f"video_loss_weight: {problem}")
+        if self.method == "latent":
+            raise ValueError("--video-loss: --method latent trains on the latent loss alone and decodes no video "
+                             "for the video loss to score; use --method chopgrad or full, or drop --video-loss")
 
     @property
     def has_pixel_term(self) -> bool:
@@ -176,6 +198,19 @@ def _pixel_loss_terms(pixel_loss) -> dict:
             raise ValueError(f"pixel_loss: unknown pixel loss {name!r}; known: {known}")
         _check_number(f"pixel_loss: the weight of {name!r}", weight, strict=False)
     return dict(pixel_loss)
+
+
+def video_loss_weight_problem(value) -> Optional[str]:
+    """Why `value` cannot weight the video loss, or None: it must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"expected a finite number > 0, got {value!r}"
+    if value == 0:
+        # the critic would be built and run every step for a term that adds nothing
+        return "0 leaves the video loss out of the training loss; drop --video-loss to train without it"
+    if value < 0:
+        return (f"expected a number > 0, got {value!r}: the video loss is a loss the training lowers; to raise a "
+                f"score, have the callable return its negative")
+    return None
 
 
 def _check_number(name: str, value, *, strict: bool) -> None:

@@ -77,7 +77,7 @@ def write_samples(folder: str, clips: list[HeldOutClip], count: int) -> list[str
     return paths
 
 
-CSV_COLUMNS = ("step", "loss", "latent_mse", "pixel", "lr", "grad_norm", "time_s", "peak_bytes") + METRICS
+CSV_COLUMNS = ("step", "loss", "latent_mse", "pixel", "video", "lr", "grad_norm", "time_s", "peak_bytes") + METRICS
 
 
 def write_metrics(folder: str, record: dict) -> tuple[str, str]:

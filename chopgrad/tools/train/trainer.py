@@ -40,7 +40,7 @@ from .data import step_loader, task_datasets
 from .distributed import Ranks, leave, ranks_from_environment
 from .model import OneStepLatentModel, resolve_factory
 from .report import evaluate, plot_curves, reconstruction_quality, write_metrics, write_samples
-from .step import Batch, LossSettings, extra_channels, training_loss
+from .step import Batch, LossSettings, VideoCritic, extra_channels, make_video_critic, training_loss
 
 def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
     """Learning-rate factor: linear from 1/(warmup+1) to 1 over `warmup` steps, then cosine to 0 at `steps`."""
@@ -105,9 +105,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Run:
-    """Everything a training run holds; `Run(config).train()` runs it."""
+    """Everything a training run holds; `Run(config).train()` runs it.
 
-    def __init__(self, config: TrainConfig, *, log: Optional[Callable[[str], None]] = None):
+    video_critic: `config.video_loss`'s critic when the caller already built it (make_video_critic with the
+    run's seed) while checking the arguments; None builds it here.
+    """
+
+    def __init__(self, config: TrainConfig, *, log: Optional[Callable[[str], None]] = None,
+                 video_critic: Optional[VideoCritic] = None):
         self.config = config
         self.log = log or (lambda message: None)
         self.device = resolve_device(config.device)
@@ -116,6 +121,12 @@ class Run:
             resolve_factory(config.generator)  # fails before the model is loaded
         if config.perceptual:
             resolve_factory(config.perceptual, "--perceptual")
+        if config.video_loss is None:
+            if video_critic is not None:
+                raise ValueError("video_critic is given but config.video_loss is None: the config must name it")
+        elif video_critic is None:
+            video_critic = make_video_critic(config.video_loss, config.seed)
+        self.video_critic = video_critic.to(self.device) if video_critic is not None else None
         torch.set_num_threads(config.threads or default_threads())
         for side in config.size:
             if side % self.task.spatial_multiple:
@@ -148,7 +159,8 @@ class Run:
                                                            warmup_cosine(config.warmup_steps, config.steps))
         self.losses = LossSettings(latent_weight=config.latent_weight, pixel_loss=pixel_loss_spec(config, self.device),
                                    pixel_weight=config.pixel_weight, d_trunc=config.d_trunc,
-                                   schedule=config.schedule, method=config.method)
+                                   schedule=config.schedule, method=config.method, video_loss=self.video_critic,
+                                   video_weight=config.video_loss_weight)
         self.eval_batches = [self._on_device(Batch.of([self.eval_pairs[j]])) for j in range(len(self.eval_pairs))]
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
                          if config.dtype == "bf16" else nullcontext)
