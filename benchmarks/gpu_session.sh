@@ -9,7 +9,7 @@
 #   2. build and install the C++ engine (pip install -e . against this torch);
 #   3. `chopgrad info`; the kernel tests (with CUDA present they run the
 #      compiled Triton kernels on the GPU) and the CUDA-only tests; then the
-#      rest of the test suite (4 pytest-xdist workers each);
+#      rest of the test suite (8 pytest-xdist workers for the kernel tests, 16 for the rest);
 #   4. once training is done, with the GPU to itself: the fused-kernel
 #      benchmark, `chopgrad probe --device cuda` and `chopgrad bench --device
 #      cuda` (fp32, then a short bf16 grid).
@@ -105,8 +105,15 @@ MAX_JOBS=16 step build 120 "$PY" -m pip install --no-build-isolation --no-deps -
 step info 30 "$PY" -m chopgrad info
 KERNEL_TESTS=$(ls tests/test_kernels_*.py tests/test_patch.py)
 OMP_NUM_THREADS=2 step pytest_kernels 150 "$PY" -m pytest -n 8 -q -rfEs -p no:cacheprovider $KERNEL_TESTS
-OMP_NUM_THREADS=2 step pytest_rest 200 "$PY" -m pytest -n 8 -q -rfEs -p no:cacheprovider \
+# The other tests run tiny models on the CPU: one worker per core, one thread each.
+OMP_NUM_THREADS=1 step pytest_rest 240 "$PY" -m pytest -n 16 -q -rfEs -p no:cacheprovider \
     $(for f in $KERNEL_TESTS; do echo --ignore="$f"; done)
+# A crashed test worker ("node down") leaves only a Python traceback: rerun the engine's error tests alone under
+# gdb, when the machine has it, for the C++ frames.
+if grep -q "node down" "$OUT_DIR/pytest_rest.log" 2>/dev/null && command -v gdb >/dev/null; then
+    step engine_crash_backtrace 60 gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -q -p no:cacheprovider \
+        -p no:xdist tests/test_engine.py -k "rejects or propagates"
+fi
 
 if [ -n "$TRAIN_PID" ]; then
     wait "$TRAIN_PID"
