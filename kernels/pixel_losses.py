@@ -92,21 +92,35 @@ def _pixel_loss_kernel(
     w_l1, w_mse, w_charb, w_huber, eps2, delta, scale_scalar,
     HAS_MASK: tl.constexpr, CLAMP: tl.constexpr, SCALE_PER_FRAME: tl.constexpr,
     USE_L1: tl.constexpr, USE_MSE: tl.constexpr, USE_CHARB: tl.constexpr, USE_HUBER: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, HW_CONTIGUOUS: tl.constexpr,
 ):
-    """One program: frame (b, f) = program_id(0), a block of H*W positions, all channels."""
+    """One program: frame (b, f) = program_id(0), a block of H*W positions, all channels.
+
+    HW_CONTIGUOUS: every tensor's (H, W) plane is contiguous, so a position's offset is its flat index and no
+    per-element division by W is needed.
+    """
     pid_bf = tl.program_id(0)
     pid_hw = tl.program_id(1)
     b = pid_bf // F
     f = pid_bf % F
     offs = pid_hw * BLOCK + tl.arange(0, BLOCK)
     inb = offs < H * W
-    h = offs // W
-    w = offs % W
-    p_base = b.to(tl.int64) * psb + f.to(tl.int64) * psf + h.to(tl.int64) * psh + w.to(tl.int64) * psw
-    t_base = b.to(tl.int64) * tsb + f.to(tl.int64) * tsf + h.to(tl.int64) * tsh + w.to(tl.int64) * tsw
-    g_base = b.to(tl.int64) * gsb + f.to(tl.int64) * gsf + h.to(tl.int64) * gsh + w.to(tl.int64) * gsw
-    m_base = b.to(tl.int64) * msb + f.to(tl.int64) * msf + h.to(tl.int64) * msh + w.to(tl.int64) * msw
+    if HW_CONTIGUOUS:
+        p_pos = offs.to(tl.int64)
+        t_pos = p_pos
+        g_pos = p_pos
+        m_pos = p_pos
+    else:
+        h = (offs // W).to(tl.int64)
+        w = (offs % W).to(tl.int64)
+        p_pos = h * psh + w * psw
+        t_pos = h * tsh + w * tsw
+        g_pos = h * gsh + w * gsw
+        m_pos = h * msh + w * msw
+    p_base = b.to(tl.int64) * psb + f.to(tl.int64) * psf + p_pos
+    t_base = b.to(tl.int64) * tsb + f.to(tl.int64) * tsf + t_pos
+    g_base = b.to(tl.int64) * gsb + f.to(tl.int64) * gsf + g_pos
+    m_base = b.to(tl.int64) * msb + f.to(tl.int64) * msf + m_pos
     if SCALE_PER_FRAME:
         gscale = tl.load(scale_ptr + pid_bf).to(tl.float32)
     else:
@@ -239,6 +253,8 @@ def _pixel_loss_triton(pred, target, mask, weights, clamp_mode, delta, eps, grad
     scale_per_frame = isinstance(grad_scale, torch.Tensor)
     scale_t = grad_scale.contiguous() if scale_per_frame else partial  # dummy pointer when scalar
     g = out if write_grad else pred  # dummy pointer when no grad is written
+    planes = [pred.stride()[3:], target.stride()[3:], g.stride()[3:]] + ([tuple(ms[3:])] if mask is not None else [])
+    hw_contiguous = all(sw == 1 and sh == W for sh, sw in planes) or H * W == 1
     _pixel_loss_kernel[(B * F, nblk)](
         pred, target, mask if mask is not None else pred, g, partial, scale_t,
         C, F, H, W, nblk,
@@ -248,7 +264,7 @@ def _pixel_loss_triton(pred, target, mask, weights, clamp_mode, delta, eps, grad
         float(eps) ** 2, float(delta), 1.0 if scale_per_frame else float(grad_scale),
         HAS_MASK=mask is not None, CLAMP=int(clamp_mode), SCALE_PER_FRAME=scale_per_frame,
         USE_L1="l1" in weights, USE_MSE="mse" in weights, USE_CHARB="charbonnier" in weights,
-        USE_HUBER="huber" in weights, WRITE_GRAD=write_grad, BLOCK=block,
+        USE_HUBER="huber" in weights, WRITE_GRAD=write_grad, BLOCK=block, HW_CONTIGUOUS=hw_contiguous,
     )
     sums = partial.sum(dim=1).view(B, F)
     return sums, (out if write_grad else None)
