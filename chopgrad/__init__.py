@@ -9,8 +9,13 @@ from .adapters import (
     CogVideoXAdapter,
     DecodePlan,
     DecoderAdapter,
+    EasyAnimateAdapter,
     FunctionalAdapter,
+    HunyuanVideoAdapter,
+    HunyuanVideo15Adapter,
+    MochiAdapter,
     WanAdapter,
+    WindowedAdapter,
     wrap,
 )
 from .api import decode, pixel_loss
@@ -33,7 +38,9 @@ def __getattr__(name):
 
 
 __all__ = [
-    "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "FunctionalAdapter", "WanAdapter",
+    "CogVideoXAdapter", "DecodePlan", "DecoderAdapter", "EasyAnimateAdapter", "FunctionalAdapter", "HunyuanVideoAdapter",
+    "HunyuanVideo15Adapter",
+    "MochiAdapter", "WanAdapter", "WindowedAdapter",
     "PatchReport", "PatchWarning", "ProbeResult", "decode", "patch", "patch_report", "per_frame",
     "pixel_loss", "probe_locality", "unpatch",
     "wrap",

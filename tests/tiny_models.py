@@ -32,6 +32,52 @@ def tiny_cogvideox(seed: int = 0):
         layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4).eval()
 
 
+def tiny_mochi(seed: int = 0):
+    """Mochi's temporal layout (time x6 as 1, 2, 3) with space x2 only (in the first up block), at width 32:
+    the least its GroupNorm's 32 groups allow."""
+    from diffusers import AutoencoderKLMochi
+
+    torch.manual_seed(seed)
+    return AutoencoderKLMochi(encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+                              latent_channels=4, layers_per_block=(1,) * 5, spatial_expansions=(1, 1, 2),
+                              add_attention_block=(False,) * 5).eval()
+
+
+def tiny_easyanimate(seed: int = 0, spatial_group_norm: bool = True):
+    """EasyAnimate's layout (a spatial up block, then temporal ones: 4x time, 8x space) at width 8-16.
+
+    `spatial_group_norm=False` switches the temporal upsampling from nearest to trilinear.
+    """
+    from diffusers import AutoencoderKLMagvit
+
+    torch.manual_seed(seed)
+    return AutoencoderKLMagvit(in_channels=3, latent_channels=4, out_channels=3, block_out_channels=(8, 8, 8, 16),
+                               layers_per_block=1, norm_num_groups=4,
+                               spatial_group_norm=spatial_group_norm).eval()
+
+
+def tiny_hunyuan_video(seed: int = 0):
+    """HunyuanVideo's layout (time x4 in the first two up blocks, space x4 here) at width 8-16, with its
+    mid-block attention; framewise decoding is on, as in diffusers' default."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(seed)
+    return AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4,
+        spatial_compression_ratio=4, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3).eval()
+
+
+def tiny_hunyuan_video15(seed: int = 0):
+    """HunyuanVideo 1.5's layout (two up blocks with x2 time and space, then one without; the causal
+    mid-block attention) at width 8-16, space x4."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    torch.manual_seed(seed)
+    return AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+                                       spatial_compression_ratio=4, temporal_compression_ratio=4).eval()
+
+
 MODELS = {"wan21": tiny_wan21, "wan22": tiny_wan22, "cogvideox": tiny_cogvideox}
 
 
