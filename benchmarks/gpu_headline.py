@@ -4,7 +4,10 @@ The model is diffusers' default ``AutoencoderKLWan`` config (the Wan 2.1 VAE arc
 in bf16; weights do not change memory or time, and nothing is downloaded. Every row is one training step
 (decode, MSE against a target video, backward to the latents) run in its own process
 (``chopgrad.tools.bench.worker``), which reports ``torch.cuda.max_memory_allocated`` above the inputs and
-weights, and the step's time.
+weights, and the step's time. The decode rows (at the first size) take a loss on the whole video instead:
+``chopgrad.decode`` and the MSE plus a temporal-consistency term on frame differences
+(``chopgrad.tools.bench.methods.video_loss``), each checked against the pixel_loss row of its schedule:
+time at most 1.6x, peak at most that row's plus 3x the video's bytes.
 
 Rows run in the order of ``ROWS``, the headline first (chopgrad ``d_trunc=1``), and each size's rows after
 the other size's. A row that would start after ``--budget`` seconds is reported as skipped, so one call fits a
@@ -60,11 +63,27 @@ TILED_ROWS = (
 )
 
 
+#: chopgrad.decode with a loss on the whole video, inserted after the two lean pixel_loss rows at DECODE_SIZES
+DECODE_ROWS = (
+    ("chopgrad decode sliding d=1, lean + video loss", {"method": "decode", "d_trunc": 1, "schedule": "sliding",
+                                                        "lean": True}),
+    ("chopgrad decode chunked d=1, lean + video loss", {"method": "decode", "d_trunc": 1, "schedule": "chunked",
+                                                        "lean": True}),
+)
+DECODE_SIZES = (0,)
+#: the decode rows' targets against the pixel_loss row of the same schedule, d_trunc and lean: time at most
+#: DECODE_TIME_FACTOR x its time, peak at most its peak + DECODE_VIDEOS x the video's bytes
+DECODE_TIME_FACTOR, DECODE_VIDEOS = 1.6, 3
+
+
 def rows_for(size_index: int, tile: int) -> tuple:
-    if size_index not in TILED_SIZES:
-        return ROWS
-    tiled = tuple((label, {**settings, "tile": tile}) for label, settings in TILED_ROWS)
-    return ROWS[:1] + tiled + ROWS[1:]
+    rows = ROWS
+    if size_index in DECODE_SIZES:
+        rows = rows[:2] + DECODE_ROWS + rows[2:]
+    if size_index in TILED_SIZES:
+        tiled = tuple((label, {**settings, "tile": tile}) for label, settings in TILED_ROWS)
+        rows = rows[:1] + tiled + rows[1:]
+    return rows
 
 
 def make_inputs_file(folder: str, vae, frames: int, height: int, width: int, dtype: torch.dtype) -> str:
@@ -91,7 +110,8 @@ def run(args) -> list[dict]:
                                                                               "bf16": torch.bfloat16}[dtype_name])
             for label, settings in rows_for(size_index, TINY_TILE if args.tiny else TILE):
                 row = {"size": f"{frames}x{height}x{width}", "frames": frames, "height": height, "width": width,
-                       "label": label, **settings}
+                       "label": label, "video_bytes": 3 * frames * height * width * (2 if dtype_name == "bf16" else 4),
+                       **settings}
                 elapsed = time.monotonic() - started
                 if elapsed > args.budget:
                     rows.append({**row, "status": "skipped", "detail": f"time budget of {args.budget:.0f} s spent"})
@@ -112,6 +132,23 @@ def format_row(row: dict) -> str:
             f"({row['wall_s']:.0f} s in all)")
 
 
+def step_time(row: dict) -> float:
+    return min(row["times_s"]) if row.get("times_s") else row["memory_step_s"]
+
+
+def decode_verdict(row: dict, rows: list[dict]) -> str:
+    """A decode row against the pixel_loss row of its size, schedule, d_trunc and lean (when that one ran)."""
+    ref = next((r for r in rows if r["size"] == row["size"] and r.get("method") == "pixel_loss" and r["status"] == "ok"
+                and not r.get("tile") and all(r.get(k) == row.get(k) for k in ("schedule", "d_trunc", "lean"))), None)
+    if ref is None:
+        return "no pixel_loss row to compare with"
+    ratio = step_time(row) / step_time(ref)
+    extra = (row["peak_bytes"] - ref["peak_bytes"]) / row["video_bytes"]
+    return (f"vs {ref['label']}: time {ratio:.2f}x (<= {DECODE_TIME_FACTOR}: "
+            f"{'met' if ratio <= DECODE_TIME_FACTOR else 'missed'}), peak {extra:+.2f} videos "
+            f"(<= {DECODE_VIDEOS}: {'met' if extra <= DECODE_VIDEOS else 'missed'})")
+
+
 def format_table(rows: list[dict], device: str) -> str:
     lines = [f"Device: {device}.", "",
              "| size (frames x H x W) | method | peak memory (GB) | target | time per step (s) | status |",
@@ -122,10 +159,12 @@ def format_table(rows: list[dict], device: str) -> str:
         is_headline = r.get("d_trunc") == 1 and r.get("method") == "pixel_loss"
         if r["status"] == "ok":
             peak = r["peak_bytes"] / 1e9
-            step = min(r["times_s"]) if r.get("times_s") else r["memory_step_s"]
+            step = step_time(r)
             verdict = ""
             if is_headline and target:
                 verdict = f"<= {target}: {'met' if peak <= target else 'missed'}"
+            elif r.get("method") == "decode":
+                verdict = decode_verdict(r, rows)
             lines.append(f"| {r['size']} | {r['label']} | {peak:.2f} | {verdict} | {step:.2f} | ok |")
         else:
             lines.append(f"| {r['size']} | {r['label']} | | | | {r['status']}: {r.get('detail', '')} |")
@@ -169,7 +208,8 @@ def main(argv=None) -> int:
         with open(args.results, "a") as f:
             f.write(f"\n## {title}, {datetime.date.today().isoformat()}\n\n{model} with random weights, "
                     f"{dtype}, one pixel-MSE "
-                    f"training step per process; peak = torch.cuda.max_memory_allocated above weights and inputs. "
+                    f"training step per process (decode rows: `chopgrad.decode` + MSE + temporal-consistency loss "
+                    f"on the whole video); peak = torch.cuda.max_memory_allocated above weights and inputs. "
                     f"Reproduce: `{command}` ({time.monotonic() - started:.0f} s).\n\n{table}\n")
     print(table)
     return 0

@@ -373,27 +373,14 @@ def plot_results(rows: list[dict], out_dir: str) -> dict:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["size"] for r in rows})
-    labels = list(dict.fromkeys(r["label"] for r in rows))
+    labels = list(dict.fromkeys(r["label"] for r in rows))  # every size's plot colours a method alike
     paths = {}
     for key, fname, ylabel, scale in (("peak_bytes", "memory_vs_frames.png", "peak memory (MiB)", 2**-20),
                                       ("time_s", "time_vs_frames.png", "time per step (s)", 1.0)):
         fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
         for ax, size in zip(axes[0], sizes):
-            top = max([r[key] * scale for r in rows if r["size"] == size and r["status"] == "ok"] or [1.0])
-            for label in labels:
-                pts = [r for r in rows if r["size"] == size and r["label"] == label]
-                ok = [(r["frames"], r[key] * scale) for r in pts if r["status"] == "ok"]
-                bad = [r["frames"] for r in pts if r["status"] != "ok"]
-                line, = ax.plot([p[0] for p in ok], [p[1] for p in ok], marker="o", label=label)
-                if bad:
-                    ax.scatter(bad, [top * 1.05] * len(bad), marker="x", color=line.get_color(), s=60)
-                    for b in bad:
-                        ax.annotate("OOM", (b, top * 1.05), fontsize=7, color=line.get_color(),
-                                    textcoords="offset points", xytext=(4, 2))
+            plot_against_frames(ax, [r for r in rows if r["size"] == size], key, scale, ylabel, labels)
             ax.set_title(f"{size}x{size} pixels")
-            ax.set_xlabel("frames")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         paths[fname] = os.path.join(out_dir, fname)
@@ -426,6 +413,28 @@ def plot_results(rows: list[dict], out_dir: str) -> dict:
     if len(sizes) > 1:
         paths.update(_plot_against_size(rows, out_dir, plt))
     return paths
+
+
+def plot_against_frames(ax, rows: list[dict], key: str, scale: float, ylabel: str,
+                        labels: Optional[list] = None) -> None:
+    """One line per method label (`labels`, in colour order; default: the rows' labels): `row[key] * scale`
+    against the frame count; a configuration that did not run ("status" other than "ok") is an x above the
+    lines, named by its status (OOM, skipped, ...)."""
+    top = max([r[key] * scale for r in rows if r["status"] == "ok" and r.get(key) is not None] or [1.0])
+    for label in labels if labels is not None else dict.fromkeys(r["label"] for r in rows):
+        pts = [r for r in rows if r["label"] == label]
+        ok = [(r["frames"], r[key] * scale) for r in pts if r["status"] == "ok" and r.get(key) is not None]
+        bad = [r for r in pts if r["status"] != "ok"]
+        line, = ax.plot([p[0] for p in ok], [p[1] for p in ok], marker="o", label=label)
+        if bad:
+            ax.scatter([r["frames"] for r in bad], [top * 1.05] * len(bad), marker="x", color=line.get_color(),
+                       s=60)
+            for r in bad:
+                ax.annotate("OOM" if r["status"] == "oom" else r["status"], (r["frames"], top * 1.05), fontsize=7,
+                            color=line.get_color(), textcoords="offset points", xytext=(4, 2))
+    ax.set_xlabel("frames")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
 
 
 def _plot_against_size(rows: list[dict], out_dir: str, plt) -> dict:

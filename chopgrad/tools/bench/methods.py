@@ -1,4 +1,6 @@
-"""One pixel-loss training step (decode + MSE + backward to the latents) by each method.
+"""One training step (decode + loss + backward to the latents) by each method.
+
+Pixel MSE against the target:
 
 - "full": plain autograd through the model's own `vae.decode`.
 - "checkpoint": correct per-step activation checkpointing. A naive
@@ -8,6 +10,12 @@
   function (chopgrad's pure adapter step), so recomputation is exact.
 - "pixel_loss": chopgrad's truncated backprop (schedule, d_trunc), on the fused decoder ops unless lean=False,
   optionally with a spatially tiled backward (tile, tile_grad, tile_halo).
+
+A whole-video loss (`video_loss`: MSE plus a temporal-consistency term on frame differences, which couples
+frames of different decoder steps and so cannot be written as per-step terms):
+
+- "decode": `chopgrad.decode` (schedule, d_trunc, lean, tiling as for "pixel_loss") and the loss on its video;
+- "full_video": plain autograd through the model's own `vae.decode` and the same loss.
 """
 from __future__ import annotations
 
@@ -18,13 +26,35 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from chopgrad.adapters import wrap
-from chopgrad.api import pixel_loss
+from chopgrad.api import decode, pixel_loss
 
 from ..metrics import squared_errors_per_step
 
 
+#: the methods that run chopgrad (lean by default); the others are baselines that run the model as it is
+CHOPGRAD_METHODS = ("pixel_loss", "decode")
+#: the methods whose loss is `video_loss` rather than pixel MSE
+VIDEO_LOSS_METHODS = ("decode", "full_video")
+#: weight of the temporal-consistency term of `video_loss`
+TEMPORAL_WEIGHT = 1.0
+
+
+def video_loss(video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE to the target plus TEMPORAL_WEIGHT x the MSE of the frame differences (video[t+1] - video[t])
+    against the target's: a loss on the whole video, in fp32."""
+    video, target = video.float(), target.float()
+    loss = F.mse_loss(video, target)
+    if video.shape[2] > 1:
+        loss = loss + TEMPORAL_WEIGHT * F.mse_loss(video.diff(dim=2), target.diff(dim=2))
+    return loss
+
+
 def full_backprop_loss(vae, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(vae.decode(latents).sample.float(), target.float())
+
+
+def full_backprop_video_loss(vae, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return video_loss(vae.decode(latents).sample, target)
 
 
 def checkpointed_loss(vae_or_adapter, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -56,20 +86,27 @@ def loss_fn(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding
     """The step's loss; `lean` and the tiling arguments are pixel_loss's (the baselines run the model as it is)."""
     if method == "full":
         return full_backprop_loss
+    if method == "full_video":
+        return full_backprop_video_loss
     if method == "checkpoint":
         return checkpointed_loss
+    tiling = {} if tile is None else dict(tile=tile, tile_grad=tile_grad, tile_halo=tile_halo)
     if method == "pixel_loss":
-        tiling = {} if tile is None else dict(tile=tile, tile_grad=tile_grad, tile_halo=tile_halo)
         return lambda vae, z, target: pixel_loss(vae, z, target, loss="mse", d_trunc=d_trunc, schedule=schedule,
                                                  lean=lean, **tiling)
-    raise ValueError(f"method must be 'full', 'checkpoint' or 'pixel_loss', got {method!r}")
+    if method == "decode":
+        return lambda vae, z, target: video_loss(decode(vae, z, d_trunc=d_trunc, schedule=schedule, lean=lean,
+                                                        **tiling), target)
+    raise ValueError(f"method must be 'full', 'checkpoint', 'pixel_loss', 'decode' or 'full_video', got {method!r}")
 
 
 def method_label(method: str, d_trunc: Optional[int] = None, schedule: str = "sliding", lean: bool = True,
                  tile: Optional[int] = None, tile_grad: str = "exact", tile_halo: Optional[int] = None) -> str:
-    if method == "pixel_loss":
-        label = f"chopgrad {schedule} d={d_trunc}" + ("" if lean else " unfused")
+    if method in CHOPGRAD_METHODS:
+        label = ("chopgrad " if method == "pixel_loss" else "chopgrad decode ") + f"{schedule} d={d_trunc}"
+        label += "" if lean else " unfused"
         if tile is not None:
             label += f" tile {tile} {tile_grad}" + (f" halo {tile_halo}" if tile_grad == "truncated" else "")
-        return label
-    return {"full": "full backprop", "checkpoint": "checkpointed (per step)"}[method]
+        return label + (" + video loss" if method == "decode" else "")
+    return {"full": "full backprop", "checkpoint": "checkpointed (per step)",
+            "full_video": "full backprop + video loss"}[method]

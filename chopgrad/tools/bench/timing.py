@@ -43,8 +43,8 @@ def main(argv=None) -> int:
 
     from chopgrad.adapters.wan_patch import lean_decoder
     from chopgrad.tools.bench.methods import loss_fn
-    from chopgrad.tools.bench.worker import (load_workload, synchronize, tiling_of, training_step, uses_lean,
-                                             warm_up_code_paths)
+    from chopgrad.tools.bench.worker import (load_workload, patches_model, synchronize, tiling_of, training_step,
+                                             uses_lean, warm_up_code_paths)
 
     vae, device, latents, target = load_workload(config)
     methods = [tuple(m) for m in config["methods"]]
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     steps = []
     for method, d_trunc, schedule, lean, *tile in methods:
         lean = uses_lean(method, lean)
-        patched = lean and method != "pixel_loss"
+        patched = patches_model(method, lean)
         tiling = tiling_of(dict(zip(("tile", "tile_grad", "tile_halo"), tile)))
         steps.append((loss_fn(method, d_trunc, schedule, lean=lean, **tiling), patched))
 

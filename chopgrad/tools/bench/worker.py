@@ -3,9 +3,10 @@
 Config keys: model, device, dtype, inputs (path of a torch.save'd
 {"latents", "target"}), method, d_trunc, schedule, repeats, warmup,
 save_grad (optional path for the latent gradient), tile / tile_grad /
-tile_halo (pixel_loss's spatial tiling, optional), lean (the fused decoder
-ops: pixel_loss's `lean` argument, default True; for the baselines, default
-False, True patches the model with chopgrad.patch).
+tile_halo (chopgrad's spatial tiling, optional), lean (the fused decoder
+ops: the `lean` argument of pixel_loss and decode, default True; for the
+baselines, default False, True patches the model with chopgrad.patch).
+The methods are those of ``methods.loss_fn``.
 
 Before anything is measured the worker runs one step of the same method on
 the first three latent frames (see ``warm_up_code_paths``), then ``warmup``
@@ -56,8 +57,18 @@ def tiling_of(config: dict) -> dict:
 
 
 def uses_lean(method: str, lean) -> bool:
-    """The configured `lean`, or its default: pixel_loss's own (True), the baselines as they are (False)."""
-    return bool(method == "pixel_loss" if lean is None else lean)
+    """The configured `lean`, or its default: chopgrad's own (True), the baselines as they are (False)."""
+    from chopgrad.tools.bench.methods import CHOPGRAD_METHODS
+
+    return bool(method in CHOPGRAD_METHODS if lean is None else lean)
+
+
+def patches_model(method: str, lean: bool) -> bool:
+    """Whether the model is patched around a step: a baseline on the fused ops (chopgrad's methods patch
+    it themselves, for the duration of the call)."""
+    from chopgrad.tools.bench.methods import CHOPGRAD_METHODS
+
+    return lean and method not in CHOPGRAD_METHODS
 
 
 def training_step(vae, latents, target, step_loss):
@@ -102,7 +113,7 @@ def main(argv=None) -> int:
     vae, device, latents, target = load_workload(config)
     method = config["method"]
     lean = uses_lean(method, config.get("lean"))
-    if lean and method != "pixel_loss":  # a baseline on the fused ops: patch the model for the whole run
+    if patches_model(method, lean):  # a baseline on the fused ops: patch the model for the whole run
         from chopgrad.adapters.wan_patch import patch
 
         patch(vae)
