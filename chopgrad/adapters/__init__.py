@@ -9,6 +9,7 @@ from .functional import FunctionalAdapter
 from .hunyuan_video import HunyuanVideoAdapter, _is_hunyuan_video
 from .hunyuan_video15 import HunyuanVideo15Adapter, _is_hunyuan_video15
 from .mochi import MochiAdapter, _is_mochi
+from .unsupported import unsupported_reason
 from .wan import WanAdapter, _is_wan
 from .windowed import Window, WindowedAdapter, strided_windows
 
@@ -21,8 +22,8 @@ KNOWN_MODELS = ("diffusers.AutoencoderKLWan (Wan 2.1 / 2.2)", "diffusers.Autoenc
 def wrap(vae_or_decoder) -> DecoderAdapter:
     """Returns the adapter for a known VAE class (an adapter is returned as is).
 
-    Raises TypeError for anything else; wrap a custom decoder with
-    `FunctionalAdapter(step, ...)`.
+    Raises TypeError for anything else, with the reason for a diffusers VAE known to be unsupported
+    (`chopgrad.adapters.unsupported`); wrap a custom decoder with `FunctionalAdapter(step, ...)`.
     """
     if isinstance(vae_or_decoder, DecoderAdapter):
         return vae_or_decoder
@@ -38,6 +39,9 @@ def wrap(vae_or_decoder) -> DecoderAdapter:
         return HunyuanVideoAdapter(vae_or_decoder)
     if _is_hunyuan_video15(vae_or_decoder):
         return HunyuanVideo15Adapter(vae_or_decoder)
+    reason = unsupported_reason(vae_or_decoder)
+    if reason is not None:
+        raise TypeError(f"vae_or_decoder: {type(vae_or_decoder).__name__} is not supported: {reason}")
     raise TypeError(
         f"vae_or_decoder: unsupported model class {type(vae_or_decoder).__name__}; "
         f"known classes are {', '.join(KNOWN_MODELS)}, or pass a chopgrad.FunctionalAdapter wrapping your step function"

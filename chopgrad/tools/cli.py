@@ -87,11 +87,15 @@ def fail(message: str) -> NoReturn:
 
 
 def _add_model_args(p: argparse.ArgumentParser, dtype_help: str = "model and input dtype") -> None:
+    from chopgrad.tools.bench.workloads import FULL_RANDOM_MODELS, SUPPORTED_CLASSES, TINY_MODELS
+
     p.add_argument("--model", default="default",
-                   help="'default' (chopgrad's small trained Wan 2.1 VAE), 'tiny-wan21' or 'wan21-random' (a tiny "
-                        "Wan 2.1 config or the full Wan 2.1 architecture, random weights), "
-                        "or PATH of a local diffusers AutoencoderKLWan / AutoencoderKLCogVideoX folder "
-                        "(save_pretrained layout: config.json + diffusion_pytorch_model.safetensors or .bin)")
+                   help=f"'default' (chopgrad's small trained Wan 2.1 VAE); with random weights, a tiny config "
+                        f"({', '.join(TINY_MODELS)}: CPU runs) or the full architecture "
+                        f"({', '.join(FULL_RANDOM_MODELS)}: memory and speed on a GPU) of Wan 2.1, HunyuanVideo, "
+                        f"HunyuanVideo 1.5, Mochi or EasyAnimate; "
+                        f"or PATH of a local diffusers VAE folder of class {' / '.join(SUPPORTED_CLASSES)} "
+                        f"(save_pretrained layout: config.json + diffusion_pytorch_model.safetensors or .bin)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help=dtype_help)
 
@@ -103,6 +107,7 @@ def _grid(values) -> str:
 def build_parser() -> _Parser:
     from chopgrad.tools.bench.bench import (FULL_D_TRUNCS, FULL_FRAMES, FULL_SIZES, QUICK_D_TRUNCS, QUICK_FRAMES,
                                             QUICK_SIZES)
+    from chopgrad.tools.bench.workloads import FRAME_RULES
 
     parser = _Parser(prog="chopgrad", description="ChopGrad: truncated backprop through causal-cache video VAE "
                      "decoders. Tools to measure it on your model.",
@@ -117,7 +122,7 @@ def build_parser() -> _Parser:
                    help=f"small grid (frames {_grid(QUICK_FRAMES)}, sizes {_grid(QUICK_SIZES)}, d_trunc "
                         f"{_grid(QUICK_D_TRUNCS)}); a few minutes on 2 CPU cores")
     b.add_argument("--frames", type=_positive_int, nargs="+",
-                   help=f"pixel frame counts (Wan: 1 + 4k; CogVideoX: 1, 8k or 8k + 1) (default: "
+                   help=f"pixel frame counts ({FRAME_RULES}) (default: "
                         f"{_grid(FULL_FRAMES)}; with --quick: {_grid(QUICK_FRAMES)})")
     b.add_argument("--sizes", type=_positive_int, nargs="+",
                    help=f"square resolutions in pixels (default: {_grid(FULL_SIZES)}; with --quick: "
@@ -167,7 +172,7 @@ def build_parser() -> _Parser:
     p = parser.add_command(sub, "probe", probe_help)
     _add_model_args(p)
     p.add_argument("--frames", type=_positive_int, default=33,
-                   help="pixel frames (Wan: 1 + 4k; CogVideoX: 1, 8k or 8k + 1)")
+                   help=f"pixel frames ({FRAME_RULES})")
     p.add_argument("--size", type=_positive_int, default=64, help="square resolution in pixels")
     p.add_argument("--eps", type=_positive_float, default=1e-3,
                    help="tolerance for the recommended d_trunc: the distance whose fitted influence is below it")

@@ -1,6 +1,6 @@
-"""Models and inputs for benchmarks: the built-in default VAE, a tiny random
-Wan 2.1 config, the full Wan 2.1 architecture with random weights, or a local
-diffusers VAE folder (`--model PATH`)."""
+"""Models and inputs for benchmarks: the built-in default VAE, tiny random configs
+of every supported family, their full architectures with random weights, or a
+local diffusers VAE folder (`--model PATH`)."""
 from __future__ import annotations
 
 import json
@@ -8,22 +8,58 @@ import os
 
 import torch
 
-from chopgrad.adapters import WanAdapter, wrap
+from chopgrad.adapters import CogVideoXAdapter, wrap
+from chopgrad.adapters.unsupported import unsupported_class_reason
 
 #: A tiny Wan 2.1 decoder with random weights (memory-scaling measurements).
 TINY_WAN21_CONFIG = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                          temperal_downsample=[False, True, True])
+
+#: Tiny configs of each supported family with random weights, each keeping its family's layout in time (and so
+#: its frame counts and decoder steps): quick CPU runs of the tools and their tests. Name -> (diffusers class,
+#: config).
+TINY_MODELS = {
+    "tiny-wan21": ("AutoencoderKLWan", TINY_WAN21_CONFIG),
+    # time x4 in the first two up blocks, space x4, the mid-block attention, framewise (windowed) decoding
+    "tiny-hunyuanvideo": ("AutoencoderKLHunyuanVideo", dict(
+        latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4,
+        spatial_compression_ratio=4, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3)),
+    # time x4 and space x4 in two up blocks, the causal mid-block attention
+    "tiny-hunyuanvideo15": ("AutoencoderKLHunyuanVideo15", dict(
+        latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1, spatial_compression_ratio=4,
+        temporal_compression_ratio=4)),
+    # time x6 (as 1, 2, 3) and space x2, at width 32: the least its GroupNorm's 32 groups allow
+    "tiny-mochi": ("AutoencoderKLMochi", dict(
+        encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4, latent_channels=4,
+        layers_per_block=(1,) * 5, spatial_expansions=(1, 1, 2), add_attention_block=(False,) * 5)),
+    # a spatial up block, then temporal ones: time x4, space x8
+    "tiny-easyanimate": ("AutoencoderKLMagvit", dict(
+        latent_channels=4, block_out_channels=(8, 8, 8, 16), layers_per_block=1, norm_num_groups=4)),
+}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: diffusers' default AutoencoderKLWan config (the Wan 2.1 VAE) with random weights: real memory and time,
 #: no download (its decoded frames mean nothing, so it suits memory and speed, not fidelity)
 WAN21_RANDOM = "wan21-random"
+#: Each family's full architecture (diffusers' default config of the class, that of the released VAE) with random
+#: weights, as WAN21_RANDOM: for memory and speed on a GPU. Name -> diffusers class.
+FULL_RANDOM_MODELS = {
+    WAN21_RANDOM: "AutoencoderKLWan",
+    "hunyuanvideo-random": "AutoencoderKLHunyuanVideo",
+    "hunyuanvideo15-random": "AutoencoderKLHunyuanVideo15",
+    "mochi-random": "AutoencoderKLMochi",
+    "easyanimate-random": "AutoencoderKLMagvit",
+}
 #: built-in models whose weights are random
-RANDOM_MODELS = ("tiny-wan21", WAN21_RANDOM)
+RANDOM_MODELS = (*TINY_MODELS, *FULL_RANDOM_MODELS)
 BUILTIN_MODELS = ("default", *RANDOM_MODELS)
+#: the frame counts each family decodes (`check_frames` checks them with the model's adapter)
+FRAME_RULES = "Wan, HunyuanVideo, HunyuanVideo 1.5, EasyAnimate: 1 + 4k; Mochi: 1 + 6k; CogVideoX: 1, 8k or 8k + 1"
 #: the diffusers classes chopgrad has adapters for (`chopgrad.wrap`)
-SUPPORTED_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
+SUPPORTED_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo",
+                     "AutoencoderKLHunyuanVideo15", "AutoencoderKLMochi", "AutoencoderKLMagvit")
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_NAME = "diffusion_pytorch_model.bin"
@@ -33,24 +69,32 @@ _FOLDER_LAYOUT = f"save_pretrained layout: {CONFIG_NAME} + {SAFETENSORS_NAME} or
 
 
 def load_model(name: str, device="cpu", dtype=torch.float32):
-    """`name`: "default" (shipped trained VAE), "tiny-wan21" or "wan21-random" (random weights), or a local folder."""
+    """`name`: "default" (shipped trained VAE), one of TINY_MODELS or FULL_RANDOM_MODELS (random weights), or a
+    local folder.
+
+    A full architecture is built on `device` itself, so a GPU worker does not first initialise GBs of weights on
+    the CPU (and `device="meta"` builds it without memory); the others are built on the CPU and moved.
+    """
     check_model_source(name)
     if name == "default":
         from chopgrad.models import default_vae
 
         vae = default_vae()
-    elif name == "tiny-wan21":
-        from diffusers import AutoencoderKLWan
-
+    elif name in TINY_MODELS:
+        class_name, config = TINY_MODELS[name]
         torch.manual_seed(0)
-        vae = AutoencoderKLWan(**TINY_WAN21_CONFIG)
-    elif name == WAN21_RANDOM:
-        from diffusers import AutoencoderKLWan
-
+        vae = _diffusers_class(class_name)(**config)
+    elif name in FULL_RANDOM_MODELS:
+        cls = _diffusers_class(FULL_RANDOM_MODELS[name])
         torch.manual_seed(0)
-        vae = AutoencoderKLWan()
+        with torch.device(device):
+            vae = cls()
     else:
         vae = _load_local(name)
+    if type(vae).__name__ == "AutoencoderKLHunyuanVideo15":
+        # In diffusers 0.42.1 its attention fails on a batch of more than one (a (B, L, L) mask against a
+        # (B, 1, L, C) query); sliced, encode and decode take one sample at a time, as chopgrad's decode does.
+        vae.enable_slicing()
     vae = vae.to(device=device)
     if dtype != next(vae.parameters()).dtype:
         vae = vae.to(dtype=dtype)
@@ -91,8 +135,10 @@ def check_model_source(name: str) -> None:
         raise ValueError(f"folder {name!r} {missing}{hint}")
     class_name = _config_class_name(config_path)
     if class_name not in SUPPORTED_CLASSES:
+        reason = unsupported_class_reason(class_name, _read_config(config_path))
+        why = f" ({reason})" if reason else ""
         raise ValueError(f"the {CONFIG_NAME} of folder {name!r} is for class {class_name} (`_class_name`), which "
-                         f"chopgrad has no adapter for; supported: {', '.join(SUPPORTED_CLASSES)}")
+                         f"chopgrad has no adapter for{why}; supported: {', '.join(SUPPORTED_CLASSES)}")
     if not weights:
         variants = sorted(f for f in os.listdir(name) if f.startswith("diffusion_pytorch_model.")
                           and f.endswith((".safetensors", ".bin")))
@@ -113,7 +159,7 @@ def check_model_source(name: str) -> None:
                              f"listed in {weights[0]}: {', '.join(missing_shards)}")
 
 
-def _config_class_name(config_path: str) -> str:
+def _read_config(config_path: str) -> dict:
     try:
         with open(config_path) as f:
             config = json.load(f)
@@ -121,15 +167,23 @@ def _config_class_name(config_path: str) -> str:
         raise ValueError(f"{config_path!r} is not a readable JSON config ({type(exc).__name__}: {exc})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path!r} is not a diffusers config (a JSON object)")
+    return config
+
+
+def _config_class_name(config_path: str) -> str:
     # save_pretrained always writes `_class_name`; a hand-written Wan config may lack it
-    return str(config.get("_class_name", "AutoencoderKLWan"))
+    return str(_read_config(config_path).get("_class_name", "AutoencoderKLWan"))
+
+
+def _diffusers_class(class_name: str):
+    import diffusers
+
+    return getattr(diffusers, class_name)
 
 
 def _load_local(path: str):
     """Loads a diffusers VAE folder that passed `check_model_source`, without any network access."""
-    import diffusers
-
-    cls = getattr(diffusers, _config_class_name(os.path.join(path, CONFIG_NAME)))
+    cls = _diffusers_class(_config_class_name(os.path.join(path, CONFIG_NAME)))
     # Name the format: left to guess, diffusers logs an error for a .bin-only
     # folder before it falls back to the pickle file.
     use_safetensors = any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_NAMES[:2])
@@ -146,20 +200,20 @@ def _decode_plan(vae, latent_frames: int):
     return wrap(vae).plan(torch.zeros(1, _latent_channels(vae), latent_frames, 1, 1))
 
 
-def _is_wan(vae) -> bool:
-    return isinstance(wrap(vae), WanAdapter)
+def _is_cogvideox(vae) -> bool:
+    return isinstance(wrap(vae), CogVideoXAdapter)
 
 
-def _wan_temporal_factor(vae) -> int:
-    """Pixel frames of every Wan decoder step after the first."""
-    return _decode_plan(vae, 2).frames_per_step[1]
+def _temporal_factor(vae) -> int:
+    """Pixel frames of every latent frame after the first, which decodes to 1 (all supported models but CogVideoX)."""
+    return decoded_frames(vae, 2) - decoded_frames(vae, 1)
 
 
 def _latent_frames(vae, frames: int) -> int:
     """Latent frames the model's encoder turns `frames` pixel frames into (rounding down an invalid count)."""
-    if _is_wan(vae):
-        return 1 + (frames - 1) // _wan_temporal_factor(vae)
-    return max(1, (frames - 1) // vae.config.temporal_compression_ratio + 1)
+    if _is_cogvideox(vae):
+        return max(1, (frames - 1) // vae.config.temporal_compression_ratio + 1)
+    return 1 + (frames - 1) // _temporal_factor(vae)
 
 
 def decoded_frames(vae, latent_frames: int) -> int:
@@ -173,8 +227,8 @@ def is_decodable(vae, frames: int) -> bool:
 
 
 def _frame_rule(vae) -> str:
-    if _is_wan(vae):
-        t = _wan_temporal_factor(vae)
+    if not _is_cogvideox(vae):
+        t = _temporal_factor(vae)
         return f"1 + {t}k; the first latent frame decodes to 1 frame, every further one to {t}"
     chunk = vae.num_latent_frames_batch_size
     per_chunk = decoded_frames(vae, chunk)
@@ -221,7 +275,8 @@ def check_sizes(vae, sizes) -> None:
 
 
 def latent_shape(vae, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """Latent shape that decodes to `frames` x `height` x `width` (Wan: frames = 1 + 4k)."""
+    """Latent shape that decodes to `frames` x `height` x `width` (Wan: frames = 1 + 4k; `check_frames` says
+    which counts a model decodes)."""
     check_frames(vae, [frames])
     factor = spatial_factor(vae)
     return (1, _latent_channels(vae), _latent_frames(vae, frames), height // factor, width // factor)

@@ -9,6 +9,7 @@ import sys
 
 from chopgrad.data.tasks import TASKS
 
+from ..bench.workloads import FRAME_RULES
 from .checkpoint import CHECKPOINT_FOLDER, PARTIAL_SUFFIX, PREVIOUS_SUFFIX, committed_checkpoint
 from .compare import COMPARED_METHODS
 from .config import MAX_SEED, QUICK, SCHEDULES, TrainConfig, video_loss_weight_problem
@@ -122,7 +123,7 @@ def add_train_command(parser, subparsers, *, positive_int, nonneg_int, positive_
     add_model(t)
     t.add_argument("--steps", type=positive_int, help=f"optimizer steps {default('steps')}")
     t.add_argument("--batch", type=positive_int, help=f"clips per step and rank {default('batch')}")
-    t.add_argument("--frames", type=positive_int, help=f"frames per clip (Wan: 1 + 4k) {default('frames')}")
+    t.add_argument("--frames", type=positive_int, help=f"frames per clip ({FRAME_RULES}) {default('frames')}")
     t.add_argument("--size", type=positive_int, nargs="+", metavar=("H", "W"),
                    help=f"clip height and width in pixels (one value: square) {default('size')}")
     t.add_argument("--frame-stride", type=positive_int, help=f"take every N-th frame of a video file "
