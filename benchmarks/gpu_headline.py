@@ -1,5 +1,8 @@
 """The GPU headline: peak memory and time of one pixel-MSE training step on the full Wan 2.1 VAE.
 
+After Wan's rows, the other supported families' full architectures (HunyuanVideo, HunyuanVideo 1.5, Mochi,
+EasyAnimate; ``OTHER_VAES``) get a chopgrad ``d_trunc=1`` row and a full-backprop row each at 49x480x832.
+
 The model is diffusers' default ``AutoencoderKLWan`` config (the Wan 2.1 VAE architecture) with random weights
 in bf16; weights do not change memory or time, and nothing is downloaded. Every row is one training step
 (decode, MSE against a target video, backward to the latents) run in its own process
@@ -76,6 +79,20 @@ DECODE_SIZES = (0,)
 DECODE_TIME_FACTOR, DECODE_VIDEOS = 1.6, 3
 
 
+#: the other VAE families' full architectures, after all of Wan's rows: a chopgrad d_trunc=1 row and a
+#: full-backprop row each, at the size valid for every one of them nearest the headline (Mochi: 1 + 6k frames)
+OTHER_VAES = ("hunyuanvideo-random", "hunyuanvideo15-random", "mochi-random", "easyanimate-random")
+OTHER_VAE_SIZE = (49, 480, 832)
+#: --tiny: each family's tiny config at a size it decodes
+TINY_OTHER_VAES = {"tiny-hunyuanvideo": (5, 16, 24), "tiny-hunyuanvideo15": (5, 16, 24), "tiny-mochi": (7, 16, 24),
+                   "tiny-easyanimate": (5, 16, 24)}
+#: lean does nothing for these families (the fused ops are Wan's), so the rows run the model's own modules
+OTHER_VAE_ROWS = (
+    ("chopgrad sliding d=1", {"method": "pixel_loss", "d_trunc": 1, "schedule": "sliding", "lean": False}),
+    ("full backprop", {"method": "full", "lean": False}),
+)
+
+
 def rows_for(size_index: int, tile: int) -> tuple:
     rows = ROWS
     if size_index in DECODE_SIZES:
@@ -92,26 +109,33 @@ def make_inputs_file(folder: str, vae, frames: int, height: int, width: int, dty
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(shape, generator=g).to(dtype)
     target = (torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1).to(dtype)
-    path = os.path.join(folder, f"inputs_{frames}x{height}x{width}.pt")
+    path = os.path.join(folder, f"inputs_{type(vae).__name__}_{frames}x{height}x{width}.pt")
     torch.save({"latents": latents, "target": target}, path)
     return path
 
 
+def workloads(tiny: bool) -> list[tuple[str, tuple[int, int, int], tuple]]:
+    """(model, (frames, height, width), rows) in the order they run: Wan's sizes, then the other families."""
+    wan = "tiny-wan21" if tiny else WAN21_RANDOM
+    runs = [(wan, size, rows_for(i, TINY_TILE if tiny else TILE))
+            for i, size in enumerate(TINY_SIZES if tiny else SIZES)]
+    others = TINY_OTHER_VAES if tiny else {name: OTHER_VAE_SIZE for name in OTHER_VAES}
+    return runs + [(name, size, OTHER_VAE_ROWS) for name, size in others.items()]
+
+
 def run(args) -> list[dict]:
-    sizes = TINY_SIZES if args.tiny else SIZES
-    model = "tiny-wan21" if args.tiny else WAN21_RANDOM
     dtype_name = "fp32" if args.tiny else args.dtype
-    vae = load_model(model)  # on the CPU: only its config is needed here
     rows = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as scratch:
-        for size_index, (frames, height, width) in enumerate(sizes):
+        for model, (frames, height, width), model_rows in workloads(args.tiny):
+            vae = load_model(model, device="meta")  # only its config is needed here
             inputs = make_inputs_file(scratch, vae, frames, height, width, {"fp32": torch.float32,
                                                                               "bf16": torch.bfloat16}[dtype_name])
-            for label, settings in rows_for(size_index, TINY_TILE if args.tiny else TILE):
-                row = {"size": f"{frames}x{height}x{width}", "frames": frames, "height": height, "width": width,
-                       "label": label, "video_bytes": 3 * frames * height * width * (2 if dtype_name == "bf16" else 4),
-                       **settings}
+            for label, settings in model_rows:
+                row = {"model": model, "size": f"{frames}x{height}x{width}", "frames": frames, "height": height,
+                       "width": width, "label": label,
+                       "video_bytes": 3 * frames * height * width * (2 if dtype_name == "bf16" else 4), **settings}
                 elapsed = time.monotonic() - started
                 if elapsed > args.budget:
                     rows.append({**row, "status": "skipped", "detail": f"time budget of {args.budget:.0f} s spent"})
@@ -127,8 +151,8 @@ def run(args) -> list[dict]:
 
 def format_row(row: dict) -> str:
     if row["status"] != "ok":
-        return f"{row['size']} {row['label']}: {row['status']} {row.get('detail', '')}"
-    return (f"{row['size']} {row['label']}: {row['peak_bytes'] / 1e9:.2f} GB, {row['memory_step_s']:.2f} s/step "
+        return f"{row['model']} {row['size']} {row['label']}: {row['status']} {row.get('detail', '')}"
+    return (f"{row['model']} {row['size']} {row['label']}: {row['peak_bytes'] / 1e9:.2f} GB, {row['memory_step_s']:.2f} s/step "
             f"({row['wall_s']:.0f} s in all)")
 
 
@@ -138,7 +162,7 @@ def step_time(row: dict) -> float:
 
 def decode_verdict(row: dict, rows: list[dict]) -> str:
     """A decode row against the pixel_loss row of its size, schedule, d_trunc and lean (when that one ran)."""
-    ref = next((r for r in rows if r["size"] == row["size"] and r.get("method") == "pixel_loss" and r["status"] == "ok"
+    ref = next((r for r in rows if r["model"] == row["model"] and r["size"] == row["size"] and r.get("method") == "pixel_loss" and r["status"] == "ok"
                 and not r.get("tile") and all(r.get(k) == row.get(k) for k in ("schedule", "d_trunc", "lean"))), None)
     if ref is None:
         return "no pixel_loss row to compare with"
@@ -151,12 +175,13 @@ def decode_verdict(row: dict, rows: list[dict]) -> str:
 
 def format_table(rows: list[dict], device: str) -> str:
     lines = [f"Device: {device}.", "",
-             "| size (frames x H x W) | method | peak memory (GB) | target | time per step (s) | status |",
-             "|---|---|---:|---|---:|---|"]
+             "| model | size (frames x H x W) | method | peak memory (GB) | target | time per step (s) | status |",
+             "|---|---|---|---:|---|---:|---|"]
     for r in rows:
         key = (r["frames"], r["height"], r["width"])
         target = (TILED_TARGET_GB if r.get("tile") else TARGET_GB).get(key)
-        is_headline = r.get("d_trunc") == 1 and r.get("method") == "pixel_loss"
+        is_headline = r.get("d_trunc") == 1 and r.get("method") == "pixel_loss" and r["model"] in ("tiny-wan21",
+                                                                                                   WAN21_RANDOM)
         if r["status"] == "ok":
             peak = r["peak_bytes"] / 1e9
             step = step_time(r)
@@ -165,9 +190,9 @@ def format_table(rows: list[dict], device: str) -> str:
                 verdict = f"<= {target}: {'met' if peak <= target else 'missed'}"
             elif r.get("method") == "decode":
                 verdict = decode_verdict(r, rows)
-            lines.append(f"| {r['size']} | {r['label']} | {peak:.2f} | {verdict} | {step:.2f} | ok |")
+            lines.append(f"| {r['model']} | {r['size']} | {r['label']} | {peak:.2f} | {verdict} | {step:.2f} | ok |")
         else:
-            lines.append(f"| {r['size']} | {r['label']} | | | | {r['status']}: {r.get('detail', '')} |")
+            lines.append(f"| {r['model']} | {r['size']} | {r['label']} | | | | {r['status']}: {r.get('detail', '')} |")
     return "\n".join(lines)
 
 
@@ -196,8 +221,9 @@ def main(argv=None) -> int:
     table = format_table(rows, device)
     os.makedirs(args.out, exist_ok=True)
     dtype = "fp32" if args.tiny else args.dtype
-    model = ("a tiny Wan 2.1 config (tiny-wan21)" if args.tiny else
-             "Full Wan 2.1 VAE architecture (diffusers' default AutoencoderKLWan config)")
+    model = ("Tiny configs of each family (tiny-wan21, " + ", ".join(TINY_OTHER_VAES) + ")" if args.tiny else
+             "Full VAE architectures (diffusers' default config of each class: wan21-random, "
+             + ", ".join(OTHER_VAES) + ")")
     with open(os.path.join(args.out, "headline.json"), "w") as f:
         json.dump({"device": device, "dtype": dtype, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "headline.md"), "w") as f:
