@@ -98,3 +98,24 @@ def backend(request, monkeypatch):
     else:
         monkeypatch.setenv(ENV_FORCE_TRITON, "0")
     return request.param
+
+
+# ---------------------------------------------------------------------------
+# the CLI: argument errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail a test whose CLI run reaches input preparation, the probe or the benchmark loop: for the tests that
+    expect an invalid argument to end the run before any work starts."""
+    import chopgrad.tools.bench.bench
+    import chopgrad.tools.bench.workloads
+    import chopgrad.tools.probe
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(chopgrad.tools.bench.workloads, "make_inputs", forbidden)
+    monkeypatch.setattr(chopgrad.tools.probe, "probe_locality", forbidden)
+    monkeypatch.setattr(chopgrad.tools.bench.bench, "run_bench", forbidden)

@@ -236,8 +236,8 @@ def test_default_threads_counts_the_busiest_load_average(monkeypatch, loads, cor
 # ----------------------------------------------------------------------------- argument errors
 #
 # Every invalid argument ends the run with exit code 2 and one `error: ...` line
-# on stderr before any work starts: the fixture `no_work` fails a test that
-# reaches input preparation, the probe or the benchmark loop.
+# on stderr before any work starts: the fixture `no_work` (conftest.py) fails a
+# test that reaches input preparation, the probe or the benchmark loop.
 
 
 def expect_usage_error(capsys, argv) -> tuple[str, str]:
@@ -250,20 +250,6 @@ def expect_usage_error(capsys, argv) -> tuple[str, str]:
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, captured.err
     return errors[0], captured.err
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    import chopgrad.tools.bench.bench
-    import chopgrad.tools.bench.workloads
-    import chopgrad.tools.probe
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the arguments were checked")
-
-    monkeypatch.setattr(chopgrad.tools.bench.workloads, "make_inputs", forbidden)
-    monkeypatch.setattr(chopgrad.tools.probe, "probe_locality", forbidden)
-    monkeypatch.setattr(chopgrad.tools.bench.bench, "run_bench", forbidden)
 
 
 @pytest.fixture(scope="module")

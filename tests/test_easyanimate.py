@@ -11,26 +11,15 @@ import pytest
 import torch
 
 import chopgrad
+import vae_contract as contract
 from chopgrad.adapters.wan_patch import lean_decoder
 from chopgrad.tools.bench.memory import PeakMemory
 from tiny_models import tiny_easyanimate
+from vae_contract import grads_of, make_case, model_mse, mse_terms, pixel_mse, rel_err, truncated_gradient
 
 # batch 2, 5 latent frames (odd): 5 steps, 1 + 4 * 4 = 17 pixel frames of 16x24
 LATENT_SHAPE = (2, 4, 5, 2, 3)
 TOL = 1e-10
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def make_case(vae, shape, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(shape, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        video = vae.decode(latents).sample
-    target = torch.rand(video.shape, generator=g, dtype=torch.float64) * 2 - 1
-    return vae, latents, video, target
 
 
 @pytest.fixture(scope="module")
@@ -72,71 +61,36 @@ def oracle(vae, latents, loss_of_step, *, d_trunc, schedule):
     `loss_of_step(frame_slice, frames)` is step g's loss term. Returns (grad latents, {name: grad}).
     """
     groups = native_groups(vae, latents.shape[2])
-    names, params = zip(*[(n, p) for n, p in vae.named_parameters() if p.requires_grad])
-    grad_z = torch.zeros_like(latents)
-    grad_p = [torch.zeros_like(p) for p in params]
     offset = 0
+
+    def step_loss(g, start, z):
+        nonlocal offset
+        vae._clear_conv_cache()
+        with torch.no_grad():
+            for a, b in groups[:start]:
+                native_step(vae, latents[:, :, a:b])
+        detach_module_caches(vae)
+        for a, b in groups[start:g + 1]:
+            frames = native_step(vae, z[:, :, a:b])
+        frame_slice = slice(offset, offset + frames.shape[2])
+        offset = frame_slice.stop
+        return loss_of_step(frame_slice, frames)
+
+    named = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
     try:
-        for g in range(len(groups)):
-            if d_trunc is None:
-                start = 0
-            elif schedule == "sliding":
-                start = max(0, g - d_trunc)
-            else:
-                start = g // (d_trunc + 1) * (d_trunc + 1)
-            vae._clear_conv_cache()
-            with torch.no_grad():
-                for a, b in groups[:start]:
-                    native_step(vae, latents[:, :, a:b])
-            detach_module_caches(vae)
-            z = latents.detach().clone().requires_grad_(True)
-            for a, b in groups[start:g + 1]:
-                frames = native_step(vae, z[:, :, a:b])
-            frame_slice = slice(offset, offset + frames.shape[2])
-            offset = frame_slice.stop
-            grads = torch.autograd.grad(loss_of_step(frame_slice, frames), [z, *params], allow_unused=True)
-            grad_z += grads[0]
-            for acc, gr in zip(grad_p, grads[1:]):
-                if gr is not None:
-                    acc += gr
+        _, grad_z, grad_p = truncated_gradient(latents, named, len(groups), step_loss, d_trunc=d_trunc,
+                                               schedule=schedule, zero_unreached=True)
     finally:
         vae._clear_conv_cache()
-    return grad_z, dict(zip(names, grad_p))
-
-
-def mse_terms(target):
-    return lambda sl, frames: (frames - target[:, :, sl]).square().sum() / target.numel()
+    return grad_z, grad_p
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def grads_of(vae, latents, loss_fn):
-    """(loss value, d loss / d latents, {name: d loss / d param}) for `loss_fn(vae, z)`."""
-    z = latents.clone().requires_grad_(True)
-    vae.zero_grad(set_to_none=True)
-    loss = loss_fn(vae, z)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
-    vae.zero_grad(set_to_none=True)
-    return float(loss.detach()), z.grad.clone(), grads
-
-
-def full_backprop_mse(target):
-    return lambda vae, z: torch.nn.functional.mse_loss(vae.decode(z).sample, target)
-
-
-def pixel_loss_mse(target, **kw):
-    return lambda vae, z: chopgrad.pixel_loss(vae, z, target, **kw)
-
-
 def assert_grads_close(got, want, tol=TOL):
-    _, gz, gp = got
-    _, ref_gz, ref_gp = want
-    assert rel_err(gz, ref_gz) <= tol
-    assert set(gp) == set(ref_gp)
-    for name, ref in ref_gp.items():
-        assert rel_err(gp[name], ref) <= tol, name
+    """Each gradient within `tol` relative to itself: no allowance for rounding noise."""
+    contract.assert_grads_close(got, want, tol, noise=0.0)
 
 
 def assert_oracle_grads(got, ref_gz, ref_gp, tol=TOL):
@@ -218,7 +172,7 @@ def test_decode_equals_the_model_decode_with_trilinear_time_and_two_latents_per_
 @pytest.fixture(scope="module")
 def full_backprop(case):
     vae, latents, _, target = case
-    return grads_of(vae, latents, full_backprop_mse(target))
+    return grads_of(vae, latents, model_mse(vae, target))
 
 
 @pytest.mark.parametrize("schedule,d_trunc", [("sliding", None), ("chunked", None), ("sliding", "G-1"),
@@ -226,7 +180,7 @@ def full_backprop(case):
 def test_untruncated_pixel_loss_gradient_equals_full_backprop(case, full_backprop, schedule, d_trunc):
     vae, latents, video, target = case
     d = None if d_trunc is None else chopgrad.wrap(vae).plan(latents).num_steps - 1
-    got = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=d, schedule=schedule))
+    got = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=d, schedule=schedule))
     assert got[0] == pytest.approx(full_backprop[0], rel=1e-6)
     assert_grads_close(got, full_backprop)
 
@@ -237,7 +191,7 @@ def test_truncated_pixel_loss_gradient_equals_the_detach_oracle(case, schedule, 
     vae, latents, video, target = case
     oracle_schedule = "sliding" if schedule == "sliding_recompute" else schedule
     ref_gz, ref_gp = oracle(vae, latents, mse_terms(target), d_trunc=d_trunc, schedule=oracle_schedule)
-    got = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=d_trunc, schedule=schedule))
+    got = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=d_trunc, schedule=schedule))
     assert got[0] == pytest.approx(float(torch.nn.functional.mse_loss(video, target)), rel=1e-6)
     assert_oracle_grads(got, ref_gz, ref_gp)
 
@@ -245,14 +199,14 @@ def test_truncated_pixel_loss_gradient_equals_the_detach_oracle(case, schedule, 
 def test_truncation_changes_the_gradient(case, full_backprop):
     """Guards the oracle comparisons: at d_trunc=0 the cache gradient is cut, and that matters here."""
     vae, latents, _, target = case
-    got = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=0))
+    got = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=0))
     assert rel_err(got[1], full_backprop[1]) > 1e-3
 
 
 def test_decode_under_grad_gives_the_exact_gradient_of_a_whole_video_loss(case):
     vae, latents, video, _ = case
-    want = grads_of(vae, latents, lambda m, z: whole_video_loss(m.decode(z).sample))
-    got = grads_of(vae, latents, lambda m, z: whole_video_loss(chopgrad.decode(m, z, d_trunc=None)))
+    want = grads_of(vae, latents, lambda z: whole_video_loss(vae.decode(z).sample))
+    got = grads_of(vae, latents, lambda z: whole_video_loss(chopgrad.decode(vae, z, d_trunc=None)))
     assert got[0] == pytest.approx(want[0], rel=1e-12)
     assert_grads_close(got, want)
 
@@ -265,16 +219,16 @@ def test_decode_under_grad_gives_the_truncated_gradient_of_the_oracle(case, sche
     ref_gz, ref_gp = oracle(vae, latents, lambda sl, frames: (frames * cotangent[:, :, sl]).sum(), d_trunc=1,
                             schedule=schedule)
     got = grads_of(vae, latents,
-                   lambda m, z: whole_video_loss(chopgrad.decode(m, z, d_trunc=1, schedule=schedule)))
+                   lambda z: whole_video_loss(chopgrad.decode(vae, z, d_trunc=1, schedule=schedule)))
     assert_oracle_grads(got, ref_gz, ref_gp, tol=1e-8)
 
 
 def test_trilinear_time_and_two_latents_per_call_exact_and_truncated(trilinear_case):
     vae, latents, video, target = trilinear_case
-    want = grads_of(vae, latents, full_backprop_mse(target))
-    assert_grads_close(grads_of(vae, latents, pixel_loss_mse(target, d_trunc=None)), want)
+    want = grads_of(vae, latents, model_mse(vae, target))
+    assert_grads_close(grads_of(vae, latents, pixel_mse(vae, target, d_trunc=None)), want)
     ref_gz, ref_gp = oracle(vae, latents, mse_terms(target), d_trunc=1, schedule="sliding")
-    got = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=1))
+    got = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=1))
     assert_oracle_grads(got, ref_gz, ref_gp)
     assert rel_err(got[1], want[1]) > 1e-3
 
@@ -361,15 +315,8 @@ def test_a_failing_step_restores_the_model_attributes(case):
         vae.decoder.gradient_checkpointing = False
 
 
-def test_gradient_checkpointing_on_the_decoder_gives_the_same_gradient(case, full_backprop):
-    vae, latents, _, target = case
-    vae.enable_gradient_checkpointing()
-    try:
-        got = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=None))
-        assert vae.decoder.gradient_checkpointing
-    finally:
-        vae.disable_gradient_checkpointing()
-    assert_grads_close(got, full_backprop)
+def test_gradient_checkpointing_on_the_decoder_gives_the_same_gradient(case):
+    contract.check_gradient_checkpointing_keeps_the_gradient_exact(case, checkpointed=["decoder"], tol=TOL, noise=0.0)
 
 
 def test_a_state_that_does_not_fit_the_step_is_named(case):
@@ -446,15 +393,9 @@ def short_case(case):
 
 
 def test_lean_leaves_the_model_alone(case):
-    vae, latents, _, target = short_case(case)
-    with pytest.raises(TypeError, match="AutoencoderKLWan"):
-        chopgrad.patch_report(vae)
-    with lean_decoder(vae) as fused:
+    with lean_decoder(case[0]) as fused:
         assert fused is False
-    lean = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=1, lean=True))
-    plain = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=1, lean=False))
-    assert lean[0] == plain[0]
-    assert_grads_close(lean, plain, tol=0.0)
+    contract.check_lean_does_nothing(short_case(case), noise=0.0)
 
 
 def test_exact_tiles_are_refused_with_the_reason(case):
@@ -465,9 +406,9 @@ def test_exact_tiles_are_refused_with_the_reason(case):
 
 def test_truncated_tiles_run_and_one_tile_covering_the_frame_is_exact(case):
     vae, latents, _, target = short_case(case)
-    untiled = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=1))
-    whole = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=1, tile=(16, 24), tile_grad="truncated"))
+    untiled = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=1))
+    whole = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=1, tile=(16, 24), tile_grad="truncated"))
     assert_grads_close(whole, untiled)
-    tiled = grads_of(vae, latents, pixel_loss_mse(target, d_trunc=1, tile=8, tile_grad="truncated"))
+    tiled = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=1, tile=8, tile_grad="truncated"))
     assert tiled[0] == pytest.approx(untiled[0], rel=1e-12)
     assert torch.isfinite(tiled[1]).all() and 0 < rel_err(tiled[1], untiled[1]) < 1

@@ -11,15 +11,13 @@ import pytest
 import torch
 
 import chopgrad
-from chopgrad.adapters import HunyuanVideoAdapter, KNOWN_MODELS, Window, WindowedAdapter, strided_windows
+import vae_contract as contract
+from chopgrad.adapters import HunyuanVideoAdapter, Window, WindowedAdapter, strided_windows
 from chopgrad.tools.bench.memory import PeakMemory
 from tiny_models import tiny_hunyuan_video
+from vae_contract import grads_of, mse_terms, rel_err, truncated_gradient
 
 F64_TOL = 1e-10
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def make_latents(num_latents, dtype=torch.float64, batch=2, seed=1):
@@ -32,6 +30,14 @@ def make_target(vae, latents, seed=2):
         shape = vae.decode(latents).sample.shape
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(shape, generator=g) * 2 - 1).to(latents.dtype)
+
+
+def contract_case(vae, num_latents):
+    """(vae, latents, their decode, a target): a case of vae_contract."""
+    z = make_latents(num_latents)
+    with torch.no_grad():
+        video = vae.decode(z).sample
+    return vae, z, video, make_target(vae, z)
 
 
 @pytest.fixture(scope="module")
@@ -83,44 +89,29 @@ def full_backprop(vae, latents, target):
     return float(loss.detach()), grads[0], {n: g for (n, _), g in zip(named, grads[1:])}
 
 
-def truncated_oracle(vae, latents, target, *, d_trunc, schedule):
-    """The truncated gradient of docs/design.md section 2 for the MSE over all steps, one backward per step.
+def truncated_oracle(vae, latents, loss_of_step, *, d_trunc, schedule):
+    """The truncated gradient of docs/design.md section 2 for the loss with terms `loss_of_step(frame_slice, frames)`,
+    one backward per step.
 
     For step g with truncation point s (g - D, or its chunk start) the latents before step s's group are
     detached and the windows that end before step s's frames run without grad: what the state detached at
     step s holds (the carried latents, the previous window's blend tail) carries no gradient.
     """
     plan = chopgrad.wrap(vae).plan(latents)
-    named = decoder_params(vae)
-    params = [p for _, p in named]
-    grad_z = torch.zeros_like(latents)
-    grad_p = [torch.zeros_like(p) for p in params]
-    total = 0.0
-    for g in range(plan.num_steps):
-        start = max(0, g - d_trunc) if schedule.startswith("sliding") else (g // (d_trunc + 1)) * (d_trunc + 1)
-        leaf = latents.detach().clone().requires_grad_(True)
+
+    def step_loss(g, start, leaf):
         cut = plan.group_bounds[start]
         z = torch.cat([leaf[:, :, :cut].detach(), leaf[:, :, cut:]], dim=2)
         video = windowed_decode(vae, z, no_grad_before_frame=plan.frame_slice(start).start)
         frames = plan.frame_slice(g)
-        l_g = (video[:, :, frames] - target[:, :, frames]).square().sum() / target.numel()
-        grads = torch.autograd.grad(l_g, [leaf] + params, allow_unused=True)
-        grad_z += grads[0]
-        for acc, gr in zip(grad_p, grads[1:]):
-            if gr is not None:
-                acc += gr
-        total += float(l_g.detach())
-    return total, grad_z, {n: g for (n, _), g in zip(named, grad_p)}
+        return loss_of_step(frames, video[:, :, frames])
+
+    return truncated_gradient(latents, decoder_params(vae), plan.num_steps, step_loss, d_trunc=d_trunc,
+                              schedule=schedule, zero_unreached=True)
 
 
 def run_pixel_loss(vae, latents, target, adapter=None, **kw):
-    z = latents.clone().requires_grad_(True)
-    vae.zero_grad(set_to_none=True)
-    loss = chopgrad.pixel_loss(adapter or vae, z, target, **kw)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in decoder_params(vae) if p.grad is not None}
-    vae.zero_grad(set_to_none=True)
-    return float(loss.detach()), z.grad.clone(), grads
+    return grads_of(vae, latents, lambda z: chopgrad.pixel_loss(adapter or vae, z, target, **kw), decoder_params(vae))
 
 
 def assert_grads_close(got, ref, tol):
@@ -139,11 +130,8 @@ def assert_grads_close(got, ref, tol):
 # --- the layout -----------------------------------------------------------------------------------------------
 
 def test_wrap_picks_the_adapter(vae64):
-    assert isinstance(chopgrad.wrap(vae64), HunyuanVideoAdapter)
+    contract.check_wrap_picks_the_adapter(vae64, HunyuanVideoAdapter)
     assert isinstance(chopgrad.wrap(vae64), WindowedAdapter)
-    assert any("AutoencoderKLHunyuanVideo" in m for m in KNOWN_MODELS)
-    with pytest.raises(TypeError, match="AutoencoderKLHunyuanVideo"):
-        HunyuanVideoAdapter(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("num_latents, bounds, frames", [
@@ -227,7 +215,7 @@ def truncated_case(vae64):
                                                (1, "chunked"), (2, "chunked"), (1, "sliding_recompute")])
 def test_truncated_gradient_equals_per_window_oracle(vae64, truncated_case, d_trunc, schedule):
     z, target = truncated_case
-    ref = truncated_oracle(vae64, z, target, d_trunc=d_trunc, schedule=schedule)
+    ref = truncated_oracle(vae64, z, mse_terms(target), d_trunc=d_trunc, schedule=schedule)
     with torch.no_grad():
         assert ref[0] == pytest.approx(float(torch.nn.functional.mse_loss(vae64.decode(z).sample, target)), rel=1e-12)
     assert_grads_close(run_pixel_loss(vae64, z, target, d_trunc=d_trunc, schedule=schedule), ref, F64_TOL)
@@ -237,7 +225,7 @@ def test_truncated_gradient_odd_count_with_a_short_last_window(vae64):
     z = make_latents(10)
     target = make_target(vae64, z)
     for d in (0, 1):
-        ref = truncated_oracle(vae64, z, target, d_trunc=d, schedule="sliding")
+        ref = truncated_oracle(vae64, z, mse_terms(target), d_trunc=d, schedule="sliding")
         assert_grads_close(run_pixel_loss(vae64, z, target, d_trunc=d), ref, F64_TOL)
 
 
@@ -253,22 +241,15 @@ def test_decode_under_grad(vae64, d_trunc):
     assert torch.equal(video.detach(), video_ref)
     (video * cot).sum().backward()
     # the linear loss <video, cot> has the same truncated gradient through pixel_loss with loss=<x, c> per step
-    ref_leaf = z.clone().requires_grad_(True)
     if d_trunc is None:
+        ref_leaf = z.clone().requires_grad_(True)
         (vae64.decode(ref_leaf).sample * cot).sum().backward()
+        ref = ref_leaf.grad
     else:
-        plan = chopgrad.wrap(vae64).plan(z)
-        for s in range(plan.num_steps):
-            start = max(0, s - d_trunc)
-            inner = ref_leaf.detach().clone().requires_grad_(True)
-            cut = plan.group_bounds[start]
-            zz = torch.cat([inner[:, :, :cut].detach(), inner[:, :, cut:]], dim=2)
-            out = windowed_decode(vae64, zz, no_grad_before_frame=plan.frame_slice(start).start)
-            sl = plan.frame_slice(s)
-            (gz,) = torch.autograd.grad((out[:, :, sl] * cot[:, :, sl]).sum(), inner)
-            ref_leaf.grad = gz if ref_leaf.grad is None else ref_leaf.grad + gz
+        ref = truncated_oracle(vae64, z, lambda sl, frames: (frames * cot[:, :, sl]).sum(), d_trunc=d_trunc,
+                               schedule="sliding")[1]
     vae64.zero_grad(set_to_none=True)
-    assert rel_err(leaf.grad, ref_leaf.grad) <= F64_TOL
+    assert rel_err(leaf.grad, ref) <= F64_TOL
 
 
 # --- the model's other settings ---------------------------------------------------------------------------------
@@ -329,26 +310,11 @@ def test_memory_is_constant_in_frames():
 # --- options and errors ----------------------------------------------------------------------------------------
 
 def test_wrong_latents_are_named_before_any_decoding(vae64):
-    calls = []
-    handle = vae64.decoder.register_forward_pre_hook(lambda *a: calls.append(1))
-    try:
-        with pytest.raises(ValueError, match="4 channels"):
-            chopgrad.pixel_loss(vae64, torch.randn(1, 3, 7, 3, 5, dtype=torch.float64), torch.zeros(1, 3, 25, 12, 20))
-        with pytest.raises(ValueError, match=r"shape \(B, 4, T, h, w\)"):
-            chopgrad.decode(vae64, torch.randn(4, 7, 3, 5, dtype=torch.float64))
-    finally:
-        handle.remove()
-    assert not calls
+    contract.check_bad_latents_are_named_before_any_decoding(contract_case(vae64, 7), wrong_channels=3)
 
 
 def test_lean_does_nothing_and_patch_report_says_why(vae64):
-    z = make_latents(7)
-    target = make_target(vae64, z)
-    lean = run_pixel_loss(vae64, z, target, d_trunc=1, lean=True)
-    plain = run_pixel_loss(vae64, z, target, d_trunc=1, lean=False)
-    assert lean[0] == plain[0] and torch.equal(lean[1], plain[1])
-    with pytest.raises(TypeError, match="AutoencoderKLWan"):
-        chopgrad.patch_report(vae64)
+    contract.check_lean_does_nothing(contract_case(vae64, 7), noise=0.0)
 
 
 def test_truncated_tiling_runs_and_exact_tiling_is_refused(vae64):

@@ -13,53 +13,20 @@ import torch
 import torch.nn.functional as F
 
 import chopgrad
-from chopgrad.adapters import KNOWN_MODELS
+import vae_contract as contract
 from chopgrad.adapters.causal_conv_chunker import CausalConv, CausalConvChunker, StepModule
 from chopgrad.adapters.mochi import MochiAdapter
 from tiny_models import tiny_mochi
+from vae_contract import make_case, rel_err
 
 # batch 2, 4 latent frames: 4 steps, 1 + 3 * 6 = 19 frames
 LATENTS = (2, 4, 4, 2, 3)
 TOL = 1e-9
 
 
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 @pytest.fixture(scope="module")
 def case():
-    vae = tiny_mochi().double()
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(LATENTS, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        video = vae.decode(latents).sample
-    target = torch.rand(video.shape, generator=g, dtype=torch.float64) * 2 - 1
-    return vae, latents, video, target
-
-
-def grads_of(vae, latents, loss_of_latents):
-    z = latents.clone().requires_grad_(True)
-    vae.zero_grad(set_to_none=True)
-    loss = loss_of_latents(z)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
-    vae.zero_grad(set_to_none=True)
-    return float(loss.detach()), z.grad.clone(), grads
-
-
-def assert_grads_close(got, want, tol):
-    assert rel_err(got[1], want[1]) <= tol
-    assert set(got[2]) == set(want[2]) and got[2]
-    # The biases of convs followed by a GroupNorm have a gradient of zero up to rounding (~1e-19): relative to
-    # themselves they are noise, so each error may also be rounding noise of the largest gradient.
-    noise = 1e-14 * max(float(g.norm()) for g in want[2].values())
-    for name, ref in want[2].items():
-        assert float((got[2][name] - ref).norm()) <= tol * float(ref.norm()) + noise, name
-
-
-def model_mse(vae, target):
-    return lambda z: F.mse_loss(vae.decode(z).sample, target)
+    return make_case(tiny_mochi().double(), LATENTS)
 
 
 # ---------------------------------------------------------------------------------------------- the oracle
@@ -85,66 +52,24 @@ def past_detached(decoder, start: int, latent_frames: int):
             h.remove()
 
 
-def truncated_oracle(vae, latents, target, *, d_trunc, schedule):
-    """(loss, grad latents, {name: grad}) of the MSE with step g's term truncated at g - d (sliding) or its chunk."""
-    steps = latents.shape[2]
-    r = vae.temporal_compression_ratio
-    offsets = [0] + [1 + r * g for g in range(steps)]
-    params = [p for p in vae.parameters() if p.requires_grad]
-    names = [n for n, p in vae.named_parameters() if p.requires_grad]
-    grad_z, grad_p, total = torch.zeros_like(latents), [torch.zeros_like(p) for p in params], 0.0
-    used = set()
-    for g in range(steps):
-        if d_trunc is None:
-            start = 0
-        elif schedule == "sliding":
-            start = max(0, g - d_trunc)
-        else:
-            start = g // (d_trunc + 1) * (d_trunc + 1)
-        z = latents.detach().clone().requires_grad_(True)
-        with past_detached(vae.decoder, start, g + 1):
-            video = vae.decode(z[:, :, :g + 1]).sample
-        frames = video[:, :, offsets[g]:offsets[g + 1]]
-        assert frames.shape[2] == (1 if g == 0 else r)
-        l_g = (frames - target[:, :, offsets[g]:offsets[g + 1]]).square().sum() / target.numel()
-        grads = torch.autograd.grad(l_g, [z] + params, allow_unused=True)
-        grad_z += grads[0]
-        for i, gr in enumerate(grads[1:]):
-            if gr is not None:
-                grad_p[i] += gr
-                used.add(i)
-        total += float(l_g.detach())
-    return total, grad_z, {names[i]: grad_p[i] for i in sorted(used)}
-
-
 def test_oracle_untruncated_is_full_backprop(case):
-    vae, latents, _, target = case
-    assert_grads_close(truncated_oracle(vae, latents, target, d_trunc=None, schedule="sliding"),
-                       grads_of(vae, latents, model_mse(vae, target)), TOL)
+    contract.check_oracle_untruncated_is_full_backprop(case, past_detached=past_detached, tol=TOL)
 
 
 # ---------------------------------------------------------------------------------------------- Mochi
 
 
 def test_wrap_picks_the_mochi_adapter():
-    vae = tiny_mochi()
-    assert type(chopgrad.wrap(vae)) is MochiAdapter and chopgrad.MochiAdapter is MochiAdapter
-    assert any("AutoencoderKLMochi" in m for m in KNOWN_MODELS)
-    with pytest.raises(TypeError, match="AutoencoderKLMochi"):
-        MochiAdapter(torch.nn.Linear(2, 2))
+    contract.check_wrap_picks_the_adapter(tiny_mochi(), MochiAdapter)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("latent_frames", [1, 2, 5])
 def test_decode_equals_the_model_decode(dtype, latent_frames):
-    vae = tiny_mochi().to(dtype)
     latents = torch.randn(2, 4, latent_frames, 2, 3, generator=torch.Generator().manual_seed(2), dtype=dtype)
-    with torch.no_grad():
-        want = vae.decode(latents).sample
-        got = chopgrad.decode(vae, latents)
-    assert got.shape == want.shape == (2, 3, 1 + 6 * (latent_frames - 1), 4, 6)
-    tol = 1e-6 if dtype == torch.float32 else 1e-13
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    contract.check_decode_equals_the_model_decode(tiny_mochi().to(dtype), latents,
+                                                  shape=(2, 3, 1 + 6 * (latent_frames - 1), 4, 6),
+                                                  tol=1e-6 if dtype == torch.float32 else 1e-13)
 
 
 def test_decode_keeps_all_frames_when_the_model_does(case):
@@ -163,129 +88,43 @@ def test_decode_keeps_all_frames_when_the_model_does(case):
 @pytest.mark.parametrize("schedule,d_trunc", [("sliding", None), ("chunked", None), ("sliding", "G-1"),
                                               ("chunked", "G-1")])
 def test_untruncated_pixel_loss_is_the_model_loss_and_gradient(case, schedule, d_trunc):
-    """pixel_loss returns its value in float32, so values compare to float32 precision."""
-    vae, latents, video, target = case
-    d = None if d_trunc is None else latents.shape[2] - 1
-    want = grads_of(vae, latents, model_mse(vae, target))
-    got = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=d, schedule=schedule))
-    assert got[0] == pytest.approx(want[0], rel=1e-6)
-    assert want[0] == pytest.approx(float(F.mse_loss(video, target)), rel=1e-12)
-    assert_grads_close(got, want, TOL)
+    contract.check_untruncated_pixel_loss_is_the_model_loss_and_gradient(case, schedule, d_trunc, tol=TOL)
 
 
 def test_decode_under_grad_is_the_model_decode_and_gradient(case):
-    vae, latents, video, _ = case
-    loss_fn = lambda v: (v[:, :, 1:] - v[:, :, :-1]).square().mean() + v.sin().sum()  # noqa: E731
-    want = grads_of(vae, latents, lambda z: loss_fn(vae.decode(z).sample))
-    z = latents.clone().requires_grad_(True)
-    out = chopgrad.decode(vae, z, d_trunc=None)
-    assert out.requires_grad
-    torch.testing.assert_close(out.detach(), video, rtol=1e-13, atol=1e-13)
-    got = grads_of(vae, latents, lambda z: loss_fn(chopgrad.decode(vae, z, d_trunc=None)))
-    assert got[0] == pytest.approx(want[0], rel=1e-12)
-    assert_grads_close(got, want, TOL)
+    contract.check_decode_under_grad_is_the_model_decode_and_gradient(case, tol=TOL)
 
 
 @pytest.mark.parametrize("schedule,d_trunc", [("sliding", 0), ("sliding", 1), ("sliding", 2), ("chunked", 0),
                                               ("chunked", 1), ("chunked", 2), ("sliding_recompute", 1)])
 def test_truncated_gradient_equals_the_oracle(case, schedule, d_trunc):
-    vae, latents, video, target = case
-    oracle_schedule = "sliding" if schedule == "sliding_recompute" else schedule
-    want = truncated_oracle(vae, latents, target, d_trunc=d_trunc, schedule=oracle_schedule)
-    got = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=d_trunc, schedule=schedule))
-    assert got[0] == pytest.approx(float(F.mse_loss(video, target)), rel=1e-6)
-    assert got[0] == pytest.approx(want[0], rel=1e-6)
-    assert_grads_close(got, want, TOL)
+    contract.check_truncated_gradient_equals_the_oracle(case, schedule, d_trunc, past_detached=past_detached, tol=TOL)
 
 
 def test_truncation_changes_the_gradient(case):
-    """Guards the oracle comparison: at d_trunc=0 something must be cut."""
-    vae, latents, _, target = case
-    want = grads_of(vae, latents, model_mse(vae, target))
-    got = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=0))
-    assert rel_err(got[1], want[1]) > 1e-3
+    contract.check_truncation_changes_the_gradient(case)
 
 
 def test_step_is_pure_and_leaves_the_model_as_it_was(case):
-    vae, latents, _, _ = case
-    adapter = chopgrad.wrap(vae)
-    before = {n: m.__dict__.get("forward") for n, m in vae.named_modules()}
-    with torch.no_grad():
-        _, state = adapter.step(0, latents[:, :, :1], adapter.initial_state())
-        _, state = adapter.step(1, latents[:, :, 1:2], state)
-        copies = [s.clone() for s in state]
-        frames_a, next_a = adapter.step(2, latents[:, :, 2:3], state)
-        frames_b, next_b = adapter.step(2, latents[:, :, 2:3], state)
-    assert all(torch.equal(s, c) for s, c in zip(state, copies))
-    assert torch.equal(frames_a, frames_b) and all(torch.equal(a, b) for a, b in zip(next_a, next_b))
+    adapter, state, _ = contract.check_step_is_pure_and_leaves_the_model_as_it_was(case, fail_in="decoder.up_blocks.1")
     assert len(state) == adapter.num_slots == 10 and all(s.shape[2] == 2 for s in state)
-    assert {n: m.__dict__.get("forward") for n, m in vae.named_modules()} == before
-
-    def fail(*_):
-        raise RuntimeError("boom")
-
-    handle = vae.decoder.up_blocks[1].register_forward_pre_hook(fail)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            adapter.step(2, latents[:, :, 2:3], state)
-    finally:
-        handle.remove()
-    assert {n: m.__dict__.get("forward") for n, m in vae.named_modules()} == before
 
 
 def test_gradient_checkpointing_on_the_model_keeps_the_gradient_exact(case):
-    vae, latents, _, target = case
-    want = grads_of(vae, latents, model_mse(vae, target))
-    vae.enable_gradient_checkpointing()
-    try:
-        got = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=None))
-        assert vae.decoder.gradient_checkpointing and vae.decoder.block_in.gradient_checkpointing
-    finally:
-        vae.disable_gradient_checkpointing()
-    assert_grads_close(got, want, TOL)
+    contract.check_gradient_checkpointing_keeps_the_gradient_exact(case, checkpointed=["decoder", "decoder.block_in"],
+                                                                   tol=TOL)
 
 
 def test_lean_does_nothing_to_mochi(case):
-    vae, latents, _, target = case
-    lean = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=1, lean=True))
-    plain = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=1, lean=False))
-    assert lean[0] == plain[0]
-    assert_grads_close(lean, plain, 0.0)
-    with pytest.raises(TypeError, match="AutoencoderKLWan"):
-        chopgrad.patch_report(vae)
+    contract.check_lean_does_nothing(case)
 
 
 def test_tiling(case):
-    vae, latents, _, target = case
-    with pytest.raises(ValueError, match="tile_grad='truncated'"):
-        chopgrad.pixel_loss(vae, latents.clone().requires_grad_(True), target, d_trunc=1, tile=(2, 2))
-    untiled = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=1))
-    # one tile holding the whole frame: the tiled backward is the whole step's
-    whole = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=1, tile=(4, 6),
-                                                                 tile_grad="truncated"))
-    assert whole[0] == pytest.approx(untiled[0], rel=1e-12)
-    assert_grads_close(whole, untiled, TOL)
-    # 2x2 tiles of 1x1 latent pixels, widened by one: the value stays exact, the gradient is approximate
-    tiled = grads_of(vae, latents, lambda z: chopgrad.pixel_loss(vae, z, target, d_trunc=1, tile=(2, 2),
-                                                                 tile_grad="truncated", tile_halo=2))
-    assert tiled[0] == pytest.approx(untiled[0], rel=1e-12)
-    assert torch.isfinite(tiled[1]).all() and rel_err(tiled[1], untiled[1]) > 1e-6
+    contract.check_truncated_tiling(case, frame=(4, 6), tile=(2, 2), halo=2, tol=TOL)
 
 
 def test_bad_latents_are_named_before_any_decoding(case):
-    vae, latents, _, target = case
-    calls = []
-    handle = vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        with pytest.raises(ValueError, match="4 channels"):
-            chopgrad.pixel_loss(vae, torch.randn(2, 12, 3, 2, 3, dtype=torch.float64), target)
-        with pytest.raises(ValueError, match="shape"):
-            chopgrad.decode(vae, latents[:, :, 0])
-        with pytest.raises(TypeError, match="floating-point"):
-            chopgrad.decode(vae, latents.long())
-    finally:
-        handle.remove()
-    assert not calls
+    contract.check_bad_latents_are_named_before_any_decoding(case, wrong_channels=12)
 
 
 def test_framewise_decoding_is_refused_with_the_reason():

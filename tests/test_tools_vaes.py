@@ -71,20 +71,6 @@ def _usage_error(capsys, argv) -> str:
     return errors[0]
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    import chopgrad.tools.bench.bench
-    import chopgrad.tools.bench.workloads
-    import chopgrad.tools.probe
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the arguments were checked")
-
-    monkeypatch.setattr(chopgrad.tools.bench.workloads, "make_inputs", forbidden)
-    monkeypatch.setattr(chopgrad.tools.probe, "probe_locality", forbidden)
-    monkeypatch.setattr(chopgrad.tools.bench.bench, "run_bench", forbidden)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["probe", "--model", "tiny-mochi", "--frames", "9", "--size", "8"],
      "--frames: this AutoencoderKLMochi cannot decode 9 frames; nearest valid counts: 7 and 13 (valid: 1 + 6k;"),
