@@ -98,6 +98,16 @@ class DecoderAdapter:
         return None
 
 
+def is_diffusers_instance(model, class_name: str) -> bool:
+    """Whether `model` is an instance of diffusers' `class_name` (False where diffusers has no such class)."""
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    cls = getattr(diffusers, class_name, None)
+    return cls is not None and isinstance(model, cls)
+
+
 def layerwise_cast_trainable_parameters(model: Optional[torch.nn.Module]) -> list[str]:
     """Names of parameters that require grad in modules with diffusers' layerwise casting.
 

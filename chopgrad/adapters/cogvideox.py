@@ -5,15 +5,11 @@ import math
 
 import torch
 
-from .base import DecodePlan, DecoderAdapter, State, check_latents
+from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance
 
 
 def _is_cogvideox(model) -> bool:
-    try:
-        from diffusers import AutoencoderKLCogVideoX
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, AutoencoderKLCogVideoX)
+    return is_diffusers_instance(model, "AutoencoderKLCogVideoX")
 
 
 def _flatten(tree, leaves: list, prefix: tuple = ()) -> list:

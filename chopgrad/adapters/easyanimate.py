@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import DecodePlan, DecoderAdapter, State, check_latents
+from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance
 
 
 def _is_easyanimate(model) -> bool:
-    try:
-        from diffusers import AutoencoderKLMagvit
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, AutoencoderKLMagvit)
+    return is_diffusers_instance(model, "AutoencoderKLMagvit")
 
 
 class EasyAnimateAdapter(DecoderAdapter):

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from .base import is_diffusers_instance
 from .windowed import Window, WindowedAdapter, strided_windows
 
 
 def _is_hunyuan_video(model) -> bool:
-    try:
-        from diffusers import AutoencoderKLHunyuanVideo
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, AutoencoderKLHunyuanVideo)
+    return is_diffusers_instance(model, "AutoencoderKLHunyuanVideo")
 
 
 class HunyuanVideoAdapter(WindowedAdapter):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .base import is_diffusers_instance
 from .causal_conv_chunker import CausalConv, CausalConvChunker, StepModule
 
 #: what `HunyuanVideo15CausalConv3d.pad_mode` puts before the first frame, as the chunker's first_pad
@@ -27,11 +28,7 @@ _FIRST_PADS = {"replicate": "replicate", "constant": "zeros"}
 
 
 def _is_hunyuan_video15(model) -> bool:
-    try:
-        from diffusers import AutoencoderKLHunyuanVideo15
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, AutoencoderKLHunyuanVideo15)
+    return is_diffusers_instance(model, "AutoencoderKLHunyuanVideo15")
 
 
 def _padded_conv(conv, frames):

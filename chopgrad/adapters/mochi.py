@@ -13,15 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .base import is_diffusers_instance
 from .causal_conv_chunker import CausalConv, CausalConvChunker
 
 
 def _is_mochi(model) -> bool:
-    try:
-        from diffusers import AutoencoderKLMochi
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, AutoencoderKLMochi)
+    return is_diffusers_instance(model, "AutoencoderKLMochi")
 
 
 def _replicate_padded_conv(conv, frames, conv_cache=None):

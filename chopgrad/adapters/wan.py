@@ -5,7 +5,7 @@ import torch
 
 from functools import partial
 
-from .base import DecodePlan, DecoderAdapter, State, check_latents
+from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance
 from .tiling import LocalStage
 
 # diffusers marks an upsample slot whose first chunk had no temporal conv with
@@ -14,11 +14,7 @@ _REPEAT_SENTINEL = "Rep"
 
 
 def _is_wan(model) -> bool:
-    try:
-        from diffusers import AutoencoderKLWan
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, AutoencoderKLWan)
+    return is_diffusers_instance(model, "AutoencoderKLWan")
 
 
 class WanAdapter(DecoderAdapter):
