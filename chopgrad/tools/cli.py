@@ -314,7 +314,12 @@ def _probe_write(path: str) -> None:
     created = []
     try:
         for folder in reversed(missing):
-            os.mkdir(folder)
+            try:
+                os.mkdir(folder)
+            except FileExistsError:  # another rank of the same run made it meanwhile: it is not ours to remove
+                if not os.path.isdir(folder):
+                    raise
+                continue
             created.append(folder)
         descriptor, probe = tempfile.mkstemp(prefix=".chopgrad-write-probe-", dir=path)
         try:
@@ -325,7 +330,9 @@ def _probe_write(path: str) -> None:
     except OSError as exc:
         fail(f"--out: cannot write in {path!r}: {exc.strerror or exc}")
     finally:
-        for folder in reversed(created):
+        # Under torchrun the other ranks check the same folder at the same time, and the run creates it anyway:
+        # removing it here could pull it from under another rank's probe.
+        for folder in reversed(created if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else []):
             try:
                 os.rmdir(folder)
             except OSError:
