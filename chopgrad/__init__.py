@@ -18,8 +18,8 @@ from .adapters import (
     WindowedAdapter,
     wrap,
 )
-from .api import decode, pixel_loss
-from .adapters.wan_patch import PatchReport, PatchWarning, patch, patch_report, unpatch
+from .api import decode, patch_report, pixel_loss
+from .adapters.wan_patch import PatchReport, PatchWarning, patch, unpatch
 from .losses import per_frame
 from ._version import __version__
 

@@ -10,7 +10,8 @@ import torch
 from .adapters import DecodePlan, DecoderAdapter, wrap
 from .adapters.base import layerwise_cast_trainable_parameters
 from .adapters.tiling import TILE_GRADS, supports_exact_tiling, tiled
-from .adapters.wan_patch import lean_decoder
+from .adapters import wan_patch
+from .adapters.wan_patch import PatchReport, lean_decoder
 from .decoder_steps import ReplayedRandomness, build_engine
 from .differentiable_decode import DecodeFunction, DecodeRun, decode_without_graph
 from .frames import FrameInput, FrameSource, optional_source
@@ -329,3 +330,18 @@ def decode(
     d = min(d, plan.num_steps)
     run = DecodeRun(adapter, backward_adapter, plan, d, schedule, clamp, lean, trainable, latents.device)
     return DecodeFunction.apply(run, latents, *trainable)
+
+
+def patch_report(model) -> PatchReport:
+    """What `lean=True` runs on chopgrad's fused ops in `model`'s decoder, and what it leaves out and why.
+
+    `model`: a VAE `wrap` accepts, a Wan decoder, or an adapter. For a Wan VAE (or decoder) it is the report of
+    `chopgrad.patch` as things stand now (empty outside a `lean=True` call unless the model was patched). For
+    any other decoder nothing is fused, and the one skipped entry (`"<decoder>"`) says why.
+    """
+    if not isinstance(model, DecoderAdapter) and wan_patch.is_wan_model(model):
+        return wan_patch.patch_report(model)
+    adapter = wrap(model)
+    if adapter.fused_ops_unavailable is None:
+        return wan_patch.patch_report(adapter.model)
+    return PatchReport(skipped=(("<decoder>", f"lean=True does nothing: {adapter.fused_ops_unavailable}"),))

@@ -190,7 +190,7 @@ def test_gradient_checkpointing_on_the_model_keeps_the_gradient_exact(case):
 
 
 def test_lean_does_nothing_to_hunyuan_video15(case):
-    contract.check_lean_does_nothing(case)
+    contract.check_lean_does_nothing(case, reason="replicating edge pixels")
 
 
 def test_tiling(case):

@@ -134,3 +134,27 @@ def test_other_models_and_bad_arguments():
         chopgrad.pixel_loss(vae, latents, video, lean="yes")
     with pytest.raises(TypeError, match="lean must be a bool"):
         chopgrad.decode(vae, latents, lean=1)
+
+
+def test_patch_report_says_why_a_decoder_is_not_fused():
+    report = chopgrad.patch_report(tiny_cogvideox())
+    assert report.patched == ()
+    reason = chopgrad.CogVideoXAdapter.fused_ops_unavailable
+    assert report.skipped == (("<decoder>", "lean=True does nothing: " + reason),)
+    assert "GroupNorm" in report.skipped[0][1]
+    functional = chopgrad.FunctionalAdapter(lambda index, group, state: (group, state), latent_channels=4,
+                                            frames_out=1)
+    (entry,) = chopgrad.patch_report(functional).skipped
+    assert "Wan decoder's blocks" in entry[1]
+    with pytest.raises(TypeError, match="unsupported model class Linear"):
+        chopgrad.patch_report(torch.nn.Linear(2, 2))
+
+
+def test_patch_report_of_a_wan_vae_its_decoder_and_its_adapter_agree():
+    vae = tiny_wan21().requires_grad_(False)
+    assert chopgrad.patch_report(vae).patched == ()
+    with lean_decoder(vae):
+        report = chopgrad.patch_report(vae)
+        assert report.patched
+        assert chopgrad.patch_report(vae.decoder) == report
+        assert chopgrad.patch_report(chopgrad.wrap(vae)) == report

@@ -116,7 +116,7 @@ def test_gradient_checkpointing_on_the_model_keeps_the_gradient_exact(case):
 
 
 def test_lean_does_nothing_to_mochi(case):
-    contract.check_lean_does_nothing(case)
+    contract.check_lean_does_nothing(case, reason="per-frame GroupNorm")
 
 
 def test_tiling(case):

@@ -7,6 +7,8 @@ default the model's own `vae.decode(z).sample`), the oracle's hooks, channel cou
 checkpoint, tolerances. A case is (vae, latents, video, target): a float64 tiny model, latents, the model's own
 decode of them and a random target in [-1, 1].
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,16 +258,21 @@ def check_gradient_checkpointing_keeps_the_gradient_exact(case, *, checkpointed,
     assert_grads_close(got, want, tol, noise)
 
 
-def check_lean_does_nothing(case, *, noise=1e-14):
-    """`lean=True` leaves the loss and every gradient as they are (the lean decoder is Wan's), and patch_report
-    says so."""
+def check_lean_does_nothing(case, *, reason, noise=1e-14):
+    """`lean=True` leaves the loss and every gradient as they are (the fused ops are Wan's), and patch_report
+    says why: nothing patched, one skipped entry for the decoder whose reason matches `reason`."""
     vae, latents, _, target = case
     lean = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=1, lean=True))
     plain = grads_of(vae, latents, pixel_mse(vae, target, d_trunc=1, lean=False))
     assert lean[0] == plain[0]
     assert_grads_close(lean, plain, 0.0, noise)
-    with pytest.raises(TypeError, match="AutoencoderKLWan"):
-        chopgrad.patch_report(vae)
+    report = chopgrad.patch_report(vae)
+    assert report.patched == () and len(report.skipped) == 1
+    name, why = report.skipped[0]
+    assert name == "<decoder>" and why.startswith("lean=True does nothing: ")
+    assert re.search(reason, why), why
+    assert "lean=True does nothing" in str(report)
+    assert chopgrad.patch_report(chopgrad.wrap(vae)) == report
 
 
 def check_truncated_tiling(case, *, frame, tile, halo, tol):

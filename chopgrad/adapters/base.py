@@ -58,6 +58,11 @@ class DecoderAdapter:
     frames_are_private: bool = False
     #: the wrapped model (or None for a functional adapter)
     model: Optional[torch.nn.Module] = None
+    #: why `lean=True` cannot run this decoder on chopgrad's fused ops, or None when it can
+    fused_ops_unavailable: Optional[str] = (
+        "chopgrad's fused ops implement the Wan decoder's blocks (RMS norm + SiLU + a zero-padded causal conv); "
+        "this adapter's decoder is not known to be built from them"
+    )
 
     def plan(self, latents: torch.Tensor) -> DecodePlan:
         """Validates `latents` (raising ValueError/TypeError naming it) and returns the plan."""

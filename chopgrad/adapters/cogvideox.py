@@ -44,6 +44,10 @@ class CogVideoXAdapter(DecoderAdapter):
     model's own decode does not clamp, so clamp_range is None.
     """
 
+    fused_ops_unavailable = ("its resnet blocks normalise with a latent-conditioned GroupNorm (statistics over "
+                             "channel groups and the whole frame), not the per-position RMS norm the fused ops "
+                             "implement")
+
     clamp_range = None
     # The frames are the decoder's conv_out output, referenced by nothing else:
     # a fused loss may overwrite them with their gradient.

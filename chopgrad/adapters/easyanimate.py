@@ -45,6 +45,9 @@ class EasyAnimateAdapter(DecoderAdapter):
     changes floating-point summation order).
     """
 
+    fused_ops_unavailable = ("its resnet blocks normalise with GroupNorm (statistics over channel groups and "
+                             "the whole frame), not the per-position RMS norm the fused ops implement")
+
     clamp_range = None
     # The frames are the output of the decoder's conv_out (a concat of its windows),
     # referenced by nothing else: a fused loss may overwrite them with their gradient.

@@ -30,6 +30,9 @@ class HunyuanVideoAdapter(WindowedAdapter):
     model's own decode does not clamp, so clamp_range is None.
     """
 
+    fused_ops_unavailable = ("its resnet blocks normalise with GroupNorm (statistics over channel groups and "
+                             "the whole frame), not the per-position RMS norm the fused ops implement")
+
     def __init__(self, vae):
         if not _is_hunyuan_video(vae):
             raise TypeError(f"HunyuanVideoAdapter needs a diffusers AutoencoderKLHunyuanVideo, "

@@ -121,6 +121,10 @@ class HunyuanVideo15Adapter(CausalConvChunker):
     does not clamp, so clamp_range is None.
     """
 
+    fused_ops_unavailable = ("its resnet blocks are RMS norm + SiLU + causal conv as in Wan, but its convs "
+                             "pad by replicating edge pixels and the first frame, while the fused ops pad with "
+                             "zeros as Wan's convs do")
+
     def __init__(self, vae, latents_per_step: int = 1):
         if not _is_hunyuan_video15(vae):
             raise TypeError(f"HunyuanVideo15Adapter needs a diffusers AutoencoderKLHunyuanVideo15, got "

@@ -50,6 +50,9 @@ class MochiAdapter(CausalConvChunker):
     `use_tiling` and `use_framewise_decoding` say (chopgrad tiles with `tile=`).
     """
 
+    fused_ops_unavailable = ("its resnet blocks normalise with a per-frame GroupNorm (statistics over channel "
+                             "groups and the whole frame), not the per-position RMS norm the fused ops implement")
+
     def __init__(self, vae):
         if not _is_mochi(vae):
             raise TypeError(f"MochiAdapter needs a diffusers AutoencoderKLMochi, got {type(vae).__name__}")

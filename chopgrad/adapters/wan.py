@@ -27,6 +27,8 @@ class WanAdapter(DecoderAdapter):
     applied per step, which equals applying it to the whole latent.
     """
 
+    fused_ops_unavailable = None
+
     clamp_range = (-1.0, 1.0)
     # The frames are the decoder's conv_out output, referenced by nothing else:
     # a fused loss may overwrite them with their gradient.

@@ -532,6 +532,12 @@ def _report(wan, decoder: nn.Module) -> PatchReport:
 # ---------------------------------------------------------------------------
 
 
+def is_wan_model(model) -> bool:
+    """True for a diffusers ``AutoencoderKLWan`` or its ``WanDecoder3d``: what :func:`patch` accepts."""
+    wan = _wan_classes()
+    return isinstance(model, wan.WanDecoder3d) or isinstance(getattr(model, "decoder", None), wan.WanDecoder3d)
+
+
 def _find_decoder(wan, model: nn.Module) -> nn.Module:
     if isinstance(model, wan.WanDecoder3d):
         return model
