@@ -66,8 +66,6 @@ check_torch(torch_requirement())
 from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 setup(
-    # The fused kernels live in the top-level kernels/ folder; the symlink chopgrad/kernels -> ../kernels makes
-    # them chopgrad.kernels everywhere: in a source checkout, in editable installs, and (followed) in wheels.
     packages=find_packages(include=["chopgrad", "chopgrad.*"]),
     package_data={"chopgrad.models": ["*.safetensors", "*.json"]},
     ext_modules=[

@@ -4,7 +4,7 @@
 
 The sdist must carry everything the build needs (sources, headers, LICENSE); the wheel must carry
 LICENSE (and say so in its metadata), the compiled engine without debug info, the fused kernels
-(every kernels/*.py of the source tree, as chopgrad/kernels/ in both) and the default model's weights.
+(every chopgrad/kernels/*.py of the source tree) and the default model's weights.
 """
 import subprocess
 import sys
@@ -28,7 +28,7 @@ def check_sdist(path):
     for required in ["LICENSE", "README.md", "pyproject.toml", "setup.py", "csrc/engine.h", "csrc/engine.cpp",
                      "csrc/bindings.cpp", "chopgrad/models/default_vae.safetensors"]:
         need(required in names, f"sdist lacks {required}")
-    for source in sorted((ROOT / "kernels").glob("*.py")):
+    for source in sorted((ROOT / "chopgrad" / "kernels").glob("*.py")):
         need(f"chopgrad/kernels/{source.name}" in names, f"sdist lacks chopgrad/kernels/{source.name}")
     print(f"sdist {Path(path).name}: {len(names)} entries")
 
@@ -54,7 +54,7 @@ def check_wheel(path):
     need(metadata.get("License-Expression") == "Apache-2.0",
          f"wheel metadata License-Expression is {metadata.get('License-Expression')!r}")
     need("LICENSE" in (metadata.get_all("License-File") or []), "wheel metadata names no License-File LICENSE")
-    for source in sorted((ROOT / "kernels").glob("*.py")):
+    for source in sorted((ROOT / "chopgrad" / "kernels").glob("*.py")):
         need(f"chopgrad/kernels/{source.name}" in names, f"wheel lacks chopgrad/kernels/{source.name}")
     for model in ["chopgrad/models/default_vae.safetensors", "chopgrad/models/default_vae_config.json"]:
         need(model in names, f"wheel lacks {model}")

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "chopgrad"
-KERNELS = REPO / "kernels"
+KERNELS = PACKAGE / "kernels"
 TOOLS = "chopgrad.tools"
 #: `python -m chopgrad` runs the command line, so it belongs to the tools wing.
 ENTRY_POINT = PACKAGE / "__main__.py"

@@ -221,12 +221,14 @@ def _kernels_file(env_path: str | None, cwd: str) -> str:
 
 
 def test_kernels_are_chopgrad_kernels_in_a_source_checkout_and_an_editable_install(tmp_path):
-    # One mechanism, the symlink chopgrad/kernels -> ../kernels: a plain checkout on sys.path and the editable
-    # install both resolve chopgrad.kernels to the top-level kernels/ folder (wheels: .ci/check_wheel.sh).
-    assert (ROOT / "chopgrad" / "kernels").is_symlink()
-    assert os.readlink(ROOT / "chopgrad" / "kernels") == "../kernels"
-    setup_text = (ROOT / "setup.py").read_text()
-    assert "package_dir" not in setup_text
-    expected = (ROOT / "kernels" / "__init__.py").resolve()
+    # A checkout on sys.path and the editable install both resolve chopgrad.kernels to chopgrad/kernels/.
+    expected = (ROOT / "chopgrad" / "kernels" / "__init__.py").resolve()
     assert Path(_kernels_file(str(ROOT), cwd=str(tmp_path))).resolve() == expected
     assert Path(_kernels_file(None, cwd=str(tmp_path))).resolve() == expected
+
+
+def test_the_checkout_root_shadows_no_installed_package():
+    # `python -m ...` from the checkout puts its root first on sys.path: a top-level package there would shadow
+    # an installed one of the same name (a top-level kernels/ would hide the PyPI package `kernels`, which transformers imports).
+    packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py")
+    assert packages == ["chopgrad", "setup.py"], packages

@@ -1,7 +1,6 @@
 """chopgrad.kernels -- fused ops with a backward pass for training through video VAE decoders.
 
-Import as ``chopgrad.kernels`` (never as a bare ``kernels`` module).  This
-package imports nothing from ``chopgrad`` outside itself, so it works before
+This package imports nothing from ``chopgrad`` outside itself, so it works before
 the C++ engine is built.
 
 Ops (each: private Triton kernels, a launcher, a PyTorch reference, a
