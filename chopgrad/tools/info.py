@@ -25,6 +25,7 @@ def collect_info() -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "diffusers": _version("diffusers"),
+        "peft": _version("peft"),  # for train --transformer
         "extension_built": built,
         "extension_detail": detail,
         "cuda_available": torch.cuda.is_available(),
@@ -44,7 +45,7 @@ def collect_info() -> dict:
 
 def format_info(info: dict) -> str:
     lines = [f"chopgrad   {info['chopgrad']}", f"python     {info['python']}", f"torch      {info['torch']}",
-             f"triton     {info['triton']}", f"diffusers  {info['diffusers']}", ""]
+             f"triton     {info['triton']}", f"diffusers  {info['diffusers']}", f"peft       {info['peft']}", ""]
     if info["extension_built"]:
         lines.append(f"C++ extension: built ({info['extension_detail']})")
     else:

@@ -12,8 +12,11 @@ from chopgrad.adapters import CogVideoXAdapter, wrap
 from chopgrad.adapters.unsupported import unsupported_class_reason
 
 #: A tiny Wan 2.1 decoder with random weights (memory-scaling measurements).
+# latent statistics for its 4 channels (diffusers' defaults list 16): what a Wan pipeline, or a transformer
+# trained on top of it, normalises the latents with
 TINY_WAN21_CONFIG = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                         temperal_downsample=[False, True, True])
+                         temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.05, 0.3],
+                         latents_std=[1.5, 0.8, 1.2, 2.0])
 
 #: Tiny configs of each supported family with random weights, each keeping its family's layout in time (and so
 #: its frame counts and decoder steps): quick CPU runs of the tools and their tests. Name -> (diffusers class,

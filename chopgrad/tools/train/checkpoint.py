@@ -2,7 +2,8 @@
 
 A checkpoint is a folder:
 
-- ``model.safetensors``: the model's state_dict;
+- ``model.safetensors``: the model's state_dict, or with ``trainable_only`` the parameters that require grad
+  (a frozen pretrained base is reloaded from where it came from, not copied into every checkpoint);
 - ``optimizer.safetensors``: every tensor of the optimizer's per-parameter state, keyed ``state.<index>.<name>``;
 - ``random.safetensors``: the CPU generator's state and, per CUDA device, that device's;
 - ``trainer.json``: the step, the optimizer's param groups and non-tensor state, the scheduler's state_dict,
@@ -58,15 +59,23 @@ def _merge_optimizer_state(tensors: dict, other: dict, param_groups: list) -> di
     return {"state": state, "param_groups": param_groups}
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of `model`'s state_dict that are parameters requiring grad."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+
+
 def save_checkpoint(folder: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    scheduler: Optional[Any] = None, extra: Optional[dict] = None) -> str:
+                    scheduler: Optional[Any] = None, extra: Optional[dict] = None,
+                    trainable_only: bool = False) -> str:
     """Writes the checkpoint into `folder`, replacing the one there as a whole, and returns `folder`."""
     folder = os.path.normpath(folder)
     partial, previous = folder + PARTIAL_SUFFIX, folder + PREVIOUS_SUFFIX
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     stamp = {"step": str(int(step))}
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(partial, MODEL_FILE),
+    weights = trainable_state(model) if trainable_only else model.state_dict()
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, os.path.join(partial, MODEL_FILE),
               metadata=stamp)
     optimizer_state = optimizer.state_dict()
     tensors, other = _split_optimizer_state(optimizer_state)
@@ -125,7 +134,7 @@ def _read_trainer(folder: str) -> dict:
 
 
 def load_checkpoint(folder: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Optional[Any] = None) -> dict:
+                    scheduler: Optional[Any] = None, trainable_only: bool = False) -> dict:
     """Restores model, optimizer, scheduler and random state in place; returns ``{"step": ..., "extra": ...}``.
 
     Checks the whole folder before changing anything: ValueError naming the folder if a file is missing or the
@@ -144,7 +153,16 @@ def load_checkpoint(folder: str, *, model: torch.nn.Module, optimizer: torch.opt
     if scheduler is not None and trainer["scheduler"] is None:
         raise ValueError(f"checkpoint folder {folder!r} has no learning-rate schedule to restore")
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(os.path.join(folder, MODEL_FILE), device=str(device)))
+    weights = load_file(os.path.join(folder, MODEL_FILE), device=str(device))
+    if trainable_only:
+        expected = set(trainable_state(model))
+        if set(weights) != expected:
+            absent, foreign = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise ValueError(f"checkpoint folder {folder!r} does not hold this run's trainable weights (missing "
+                             f"{absent[:3]}, unexpected {foreign[:3]}); resume with the same model settings")
+        model.load_state_dict(weights, strict=False)
+    else:
+        model.load_state_dict(weights)
     tensors = load_file(os.path.join(folder, OPTIMIZER_FILE), device=str(device))
     optimizer.load_state_dict(_merge_optimizer_state(tensors, trainer["optimizer_other"], trainer["param_groups"]))
     if scheduler is not None:

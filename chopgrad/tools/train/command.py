@@ -14,11 +14,13 @@ from .checkpoint import CHECKPOINT_FOLDER, PARTIAL_SUFFIX, PREVIOUS_SUFFIX, comm
 from .compare import COMPARED_METHODS
 from .config import MAX_SEED, QUICK, SCHEDULES, TrainConfig, video_loss_weight_problem
 from .step import METHODS
+from .transformer import DEFAULT_LORA_TARGETS, LORA_FOLDER, NUM_TRAIN_TIMESTEPS
 
 TRAIN_FILES = ("metrics.json", "metrics.csv", "curves.png")
 COMPARE_FILES = ("compare.json", "compare.md", "compare.png")
 #: everything a run or a --compare writes into --out (what --overwrite removes)
-OUTPUTS = (*TRAIN_FILES, *COMPARE_FILES, "samples", "decoder", "settings.json",
+OUTPUTS = (*TRAIN_FILES, *COMPARE_FILES, "samples", "decoder", LORA_FOLDER, LORA_FOLDER + PARTIAL_SUFFIX,
+           "settings.json",
            *(CHECKPOINT_FOLDER + suffix for suffix in ("", PARTIAL_SUFFIX, PREVIOUS_SUFFIX)),
            *(name for name, _, _ in COMPARED_METHODS), *(f"{name}.tmp" for name in (*TRAIN_FILES, *COMPARE_FILES)))
 
@@ -30,6 +32,12 @@ the model: a causal 3D-conv residual network maps the condition latents (plus th
 hole mask for inpaint, the first clean frame's latents for driving) to the target latents. --generator
 module:function replaces it: function(in_channels=..., out_channels=...) must return an nn.Module mapping
 (B, in_channels, T, h, w) to (B, out_channels, T, h, w), causal in time.
+
+--transformer PATH trains a pretrained Wan transformer (a local diffusers WanTransformer3DModel folder, read
+only) as a one-step restorer with LoRA (peft): the condition latents enter as the noisy latents at --timestep
+and the flow-matching rule x0 = x_t - (t / 1000) * v gives the restored latents. Extra task channels go
+through a zero-initialised second patch embedding. Writes OUT/lora (diffusers' pipeline LoRA format, plus
+extra_input_embedding.safetensors when the task has extra channels). docs/training.md has the recipe.
 
 the loss: --latent-weight * MSE(latents) + --pixel-weight * pixel loss of the decoded video (--pixel-loss terms,
 plus --perceptual-weight * the --perceptual image loss per frame) + --video-loss-weight * --video-loss of the
@@ -88,6 +96,17 @@ def _video_loss_weight(text: str) -> float:
     problem = video_loss_weight_problem(value)
     if problem:
         raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def _timestep(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1 .. {NUM_TRAIN_TIMESTEPS - 1}, "
+                                         f"got {text!r}") from None
+    if not 0 < value < NUM_TRAIN_TIMESTEPS:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1 .. {NUM_TRAIN_TIMESTEPS - 1}, got {value}")
     return value
 
 
@@ -164,6 +183,19 @@ def add_train_command(parser, subparsers, *, positive_int, nonneg_int, positive_
     t.add_argument("--generator", metavar="MODULE:FUNCTION", help="the model to train instead of the default one "
                    "(see below); MODULE is imported as by python -m: from the current folder or the installed "
                    "packages")
+    t.add_argument("--transformer", metavar="PATH", help="train this local diffusers WanTransformer3DModel folder "
+                   "(save_pretrained layout; read only) as a one-step restorer with LoRA instead of the default "
+                   "model; nothing is downloaded")
+    t.add_argument("--timestep", type=_timestep, help=f"--transformer: the fixed timestep the condition latents "
+                   f"enter at, 1 .. {NUM_TRAIN_TIMESTEPS - 1} {default('timestep')}")
+    t.add_argument("--prompt-embeds", metavar="FILE", help="--transformer: a safetensors file holding one tensor "
+                   "(L, text_dim) of text-encoder embeddings (default: a zero embedding)")
+    t.add_argument("--lora-rank", type=positive_int, help=f"--transformer: LoRA rank {default('lora_rank')}")
+    t.add_argument("--lora-alpha", type=positive_float, help="--transformer: LoRA alpha (default: the rank)")
+    t.add_argument("--lora-targets", nargs="+", metavar="NAME", help=f"--transformer: module names LoRA adapts "
+                   f"(default: {' '.join(DEFAULT_LORA_TARGETS)})")
+    t.add_argument("--no-gradient-checkpointing", action="store_true", help="--transformer: keep the transformer "
+                   "blocks' activations instead of recomputing them in backward (faster, more memory)")
     t.add_argument("--train-decoder", action="store_true", help="fine-tune the VAE decoder too (with --decoder-lr); "
                    "saved to OUT/decoder as a diffusers folder")
     t.add_argument("--eval-every", type=positive_int, help=f"steps between held-out evaluations "
@@ -198,7 +230,8 @@ def config_from_args(args) -> TrainConfig:
                  "schedule", "latent_weight", "pixel_weight", "perceptual", "perceptual_weight", "hole_weight",
                  "lr", "decoder_lr", "weight_decay", "warmup", "grad_clip", "width", "blocks", "generator",
                  "eval_every", "eval_clips", "samples", "checkpoint_every", "seed", "workers", "threads", "out",
-                 "video_loss", "video_loss_weight"):
+                 "video_loss", "video_loss_weight", "transformer", "timestep", "prompt_embeds", "lora_rank",
+                 "lora_alpha"):
         value = getattr(args, name, None)
         if value is None and args.quick and name in QUICK:
             value = QUICK[name]
@@ -213,6 +246,10 @@ def config_from_args(args) -> TrainConfig:
     if args.video_loss_weight is not None and args.video_loss is None:
         raise ValueError(f"--video-loss-weight {args.video_loss_weight:g} is given without --video-loss: it weights "
                          f"the --video-loss term; give --video-loss module:function too, or drop the weight")
+    if args.lora_targets:
+        values["lora_targets"] = tuple(args.lora_targets)
+    if args.no_gradient_checkpointing:
+        values["gradient_checkpointing"] = False
     if hasattr(args, "d_trunc"):  # given ('none' included)
         values["d_trunc"] = args.d_trunc
     if args.pixel_loss:
@@ -262,10 +299,24 @@ def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False):
                 resolve_factory(spec, option)
             except ValueError as exc:
                 fail(str(exc))
+    if config.transformer is not None:
+        _check_transformer(config, fail)
     if config.video_loss is None:
         return None
     try:
         return make_video_critic(config.video_loss, config.seed)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _check_transformer(config: TrainConfig, fail) -> None:
+    """The --transformer folder's config, peft and the --prompt-embeds file, before any model is loaded."""
+    from .transformer import import_peft, load_prompt_embeds, read_transformer_config
+
+    try:
+        transformer_config = read_transformer_config(config.transformer)
+        import_peft()
+        load_prompt_embeds(config.prompt_embeds, transformer_config.get("text_dim", 4096))
     except ValueError as exc:
         fail(str(exc))
 

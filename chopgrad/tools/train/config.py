@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Union
 
 from chopgrad.data.tasks import TASKS
 from chopgrad.losses import ELEMENTWISE_LOSSES, LOSS_NAMES
 
 from .step import METHODS
+from .transformer import DEFAULT_LORA_TARGETS, DEFAULT_TIMESTEP, NUM_TRAIN_TIMESTEPS
 
 DTYPES = ("fp32", "bf16")
 SCHEDULES = ("sliding", "chunked")
@@ -36,12 +37,22 @@ class TrainConfig:
         stay fp32).
     warmup: linear warm-up steps of the learning rate, then cosine decay to 0 at `steps`; None: 5% of steps.
     checkpoint_every: steps between checkpoints; 0: at every evaluation (and always at the end).
+    transformer: a local diffusers WanTransformer3DModel folder, trained as a one-step restorer with LoRA instead
+        of the default model (see transformer.py); timestep, prompt_embeds, lora_rank, lora_alpha (None: the
+        rank), lora_targets and gradient_checkpointing configure it and need it.
     """
 
     task: str
     data: Optional[str] = None
     model: str = "default"
     generator: Optional[str] = None
+    transformer: Optional[str] = None
+    timestep: int = DEFAULT_TIMESTEP
+    prompt_embeds: Optional[str] = None
+    lora_rank: int = 16
+    lora_alpha: Optional[float] = None
+    lora_targets: tuple = DEFAULT_LORA_TARGETS
+    gradient_checkpointing: bool = True
     perceptual: Optional[str] = None
     perceptual_weight: float = 0.1
     video_loss: Optional[str] = None
@@ -81,7 +92,14 @@ class TrainConfig:
 
     def __post_init__(self):
         self.size = tuple(self.size) if isinstance(self.size, (list, tuple)) else (self.size, self.size)
+        if isinstance(self.lora_targets, list):
+            self.lora_targets = tuple(self.lora_targets)
         self.check()
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """The LoRA alpha in use: lora_alpha, or the rank (a scale of 1)."""
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
     @property
     def warmup_steps(self) -> int:
@@ -122,6 +140,7 @@ class TrainConfig:
             raise ValueError(f"samples ({self.samples}) cannot exceed eval_clips ({self.eval_clips})")
         pixel_terms = _pixel_loss_terms(self.pixel_loss)
         self._check_video_loss()
+        self._check_transformer()
         if self.latent_weight == 0 and not self.has_pixel_term and self.video_loss is None:
             raise ValueError("the loss has no term: latent_weight is 0 and there is no pixel term (method 'latent', "
                              "pixel_weight 0, or every pixel_loss and perceptual weight 0) and no video_loss")
@@ -153,6 +172,29 @@ class TrainConfig:
             raise ValueError("--video-loss: --method latent trains on the latent loss alone and decodes no video "
                              "for the video loss to score; use --method chopgrad or full, or drop --video-loss")
 
+    def _check_transformer(self) -> None:
+        _check_int("lora_rank", self.lora_rank, 1)
+        if self.lora_alpha is not None:
+            _check_number("lora_alpha", self.lora_alpha, strict=True)
+        if isinstance(self.timestep, bool) or not isinstance(self.timestep, int) or not (
+                0 < self.timestep < NUM_TRAIN_TIMESTEPS):
+            raise ValueError(f"timestep must be an integer in 1 .. {NUM_TRAIN_TIMESTEPS - 1}, got {self.timestep!r}")
+        if (not isinstance(self.lora_targets, tuple) or not self.lora_targets
+                or not all(isinstance(t, str) and t for t in self.lora_targets)):
+            raise ValueError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
+        if self.transformer is None:
+            given = [name for name in TRANSFORMER_SETTINGS if getattr(self, name) != _DEFAULTS[name]]
+            if given:
+                raise ValueError(f"{', '.join(given)}: these configure the --transformer restorer; give --transformer "
+                                 f"too, or leave them out")
+            return
+        if not isinstance(self.transformer, str) or not self.transformer:
+            raise ValueError(f"transformer must be a folder path, got {self.transformer!r}")
+        if self.generator is not None:
+            raise ValueError("--transformer and --generator each name the model to train; give one of them")
+
     @property
     def has_pixel_term(self) -> bool:
         """Whether the loss has a pixel term that is not 0 by its weights."""
@@ -168,11 +210,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        return cls(**{k: (tuple(v) if k == "size" else v) for k, v in values.items()})
+        return cls(**{k: (tuple(v) if k in ("size", "lora_targets") else v) for k, v in values.items()})
 
     def differences(self, other: "TrainConfig", ignore=RESUMABLE_DIFFERENCES) -> list[str]:
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in ignore and mine[k] != theirs[k]]
+
+
+#: the settings of the --transformer restorer, which need it
+TRANSFORMER_SETTINGS = ("timestep", "prompt_embeds", "lora_rank", "lora_alpha", "lora_targets",
+                        "gradient_checkpointing")
+_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
+             for f in fields(TrainConfig)}
 
 
 def _jsonable(value):

@@ -8,7 +8,9 @@ A run writes into its output folder:
 - ``curves.png``: training loss and held-out PSNR against step;
 - ``samples/``: per held-out clip shown, a comparison grid PNG and an mp4 (condition | output | target);
 - ``checkpoint/``: model, optimizer, schedule, step and random state (see checkpoint.py), for ``resume``;
-- ``decoder/``: with ``train_decoder``, the fine-tuned VAE as a diffusers folder (``from_pretrained`` loads it).
+- ``decoder/``: with ``train_decoder``, the fine-tuned VAE as a diffusers folder (``from_pretrained`` loads it);
+- ``lora/``: with ``transformer``, the LoRA adapter in diffusers' pipeline format and the extra input embedding
+  (see transformer.py).
 
 Peak memory per step is the growth above the step's start: CUDA's allocator peak, or on the CPU the
 process's peak resident memory (see chopgrad.tools.bench.memory). On the CPU that growth is what the process
@@ -33,7 +35,7 @@ from chopgrad.losses import per_frame
 
 from ..bench.bench import default_threads
 from ..bench.memory import PeakMemory
-from ..bench.workloads import check_frames, check_sizes, load_model
+from ..bench.workloads import check_frames, check_sizes, load_model, spatial_factor
 from .checkpoint import CHECKPOINT_FOLDER, committed_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import step_loader, task_datasets
@@ -54,8 +56,20 @@ def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_model(config: TrainConfig, z_dim: int, extra: int) -> nn.Module:
-    """The default OneStepLatentModel, or `config.generator`'s module (called with in/out channel counts)."""
+def build_model(config: TrainConfig, z_dim: int, extra: int, vae=None) -> nn.Module:
+    """The default OneStepLatentModel, `config.generator`'s module (called with in/out channel counts), or the
+    `config.transformer` restorer (which takes the latent statistics from `vae`)."""
+    if config.transformer is not None:
+        from .transformer import load_restorer
+
+        mean = getattr(vae.config, "latents_mean", None) or [0.0] * z_dim
+        std = getattr(vae.config, "latents_std", None) or [1.0] * z_dim
+        return load_restorer(config.transformer, latent_channels=z_dim, extra_channels=extra,
+                             timestep=config.timestep, prompt_embeds=config.prompt_embeds,
+                             lora_rank=config.lora_rank, lora_alpha=config.lora_scale_alpha,
+                             lora_targets=config.lora_targets, latents_mean=mean, latents_std=std,
+                             base_dtype=torch.bfloat16 if config.dtype == "bf16" else torch.float32,
+                             gradient_checkpointing=config.gradient_checkpointing)
     if config.generator is None:
         return OneStepLatentModel(z_dim, extra, width=config.width, blocks=config.blocks)
     factory = resolve_factory(config.generator)
@@ -121,6 +135,13 @@ class Run:
             resolve_factory(config.generator)  # fails before the model is loaded
         if config.perceptual:
             resolve_factory(config.perceptual, "--perceptual")
+        transformer_config = None
+        if config.transformer is not None:
+            from .transformer import import_peft, load_prompt_embeds, read_transformer_config
+
+            transformer_config = read_transformer_config(config.transformer)
+            import_peft()
+            load_prompt_embeds(config.prompt_embeds, transformer_config.get("text_dim", 4096))
         if config.video_loss is None:
             if video_critic is not None:
                 raise ValueError("video_critic is given but config.video_loss is None: the config must name it")
@@ -144,9 +165,16 @@ class Run:
         check_sizes(self.vae, list(config.size))
         torch.manual_seed(config.seed)
         z_dim = self.vae.config.z_dim if hasattr(self.vae.config, "z_dim") else self.vae.config.latent_channels
-        self.model = build_model(config, z_dim, extra_channels(self.task, z_dim)).to(self.device).train()
+        if transformer_config is not None:
+            from .transformer import check_transformer_fits
+
+            check_transformer_fits(transformer_config, latent_channels=z_dim, path=config.transformer,
+                                   latent_size=[side // spatial_factor(self.vae) for side in config.size])
+        self.model = build_model(config, z_dim, extra_channels(self.task, z_dim), self.vae).to(self.device).train()
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": config.lr}]
         self.saved = nn.ModuleDict({"model": self.model})
+        # a pretrained transformer is reloaded from its folder: checkpoints keep what the run trains
+        self.checkpoint_trainable_only = config.transformer is not None
         if config.train_decoder:
             for name, module in decoder_modules(self.vae).items():
                 module.requires_grad_(True)
@@ -186,7 +214,7 @@ class Run:
         if committed_checkpoint(self.checkpoint_folder) is None:
             raise ValueError(f"--resume: no checkpoint in {self.checkpoint_folder!r}")
         state = load_checkpoint(self.checkpoint_folder, model=self.saved, optimizer=self.optimizer,
-                                scheduler=self.scheduler)
+                                scheduler=self.scheduler, trainable_only=self.checkpoint_trainable_only)
         saved_config = TrainConfig.from_dict(state["extra"]["config"])
         changed = self.config.differences(saved_config)
         if changed:
@@ -202,7 +230,7 @@ class Run:
             extra = {"config": self.config.to_dict(), "steps": self.record["steps"], "evals": self.record["evals"],
                      "summary": self.record["summary"]}
             save_checkpoint(self.checkpoint_folder, model=self.saved, optimizer=self.optimizer, step=step,
-                            scheduler=self.scheduler, extra=extra)
+                            scheduler=self.scheduler, extra=extra, trainable_only=self.checkpoint_trainable_only)
         self.ranks.barrier()
 
     # ---------------------------------------------------------------- steps
@@ -317,6 +345,10 @@ class Run:
             write_samples(os.path.join(out, "samples"), clips, c.samples)
         if c.train_decoder:
             self.vae.save_pretrained(os.path.join(out, "decoder"))
+        if c.transformer is not None:
+            from .transformer import LORA_FOLDER, save_lora
+
+            save_lora(self.model, os.path.join(out, LORA_FOLDER))
 
 
 def train(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None) -> dict:
