@@ -243,3 +243,9 @@ def test_missing_peft_is_one_error_line(base, tmp_path, capsys, monkeypatch):
 def test_generator_and_transformer_are_exclusive(base, tmp_path, capsys):
     _fails(tmp_path, capsys, ["--task", "vsr", "--transformer", base, "--generator", "train_factories:dropout"],
            "--transformer and --generator each name the model to train")
+
+
+def test_two_rank_gloo_step_equals_one_process_on_the_union_of_the_clips(base, tmp_path):
+    from test_train_run import test_two_rank_gloo_step_equals_one_process_on_the_union_of_the_clips as check
+
+    check(tmp_path, {"transformer": base, "lora_rank": 2})
