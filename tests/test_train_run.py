@@ -48,16 +48,8 @@ def test_cli_run_writes_every_output(tmp_path, task, capsys):
     assert "held-out PSNR" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("settings", [{}, {"generator": "train_factories:dropout"},
-                                      {"video_loss": "train_factories:make_critic", "video_loss_weight": 0.5}],
-                         ids=["default", "dropout", "video_loss"])
-def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, settings):
-    """Also with a model that draws random numbers while it trains (dropout): nothing else may draw from torch's
-    generator between the restored random state and the first resumed step (the data loader has its own). And
-    with a randomly initialized video critic, which the resumed run must build with the same weights."""
-    settings = dict(task="inpaint", **settings)
-    uninterrupted = train(tiny_config(tmp_path / "a", **settings))
-
+def train_interrupted_after_two_steps(config: TrainConfig, monkeypatch) -> None:
+    """Runs `config` until Ctrl-C arrives as step 3 begins (its checkpoint is step 2's)."""
     original_step = Run.step
 
     def stop_at_step_three(self, batch):
@@ -67,8 +59,20 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, settings):
 
     monkeypatch.setattr(Run, "step", stop_at_step_three)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "b", **settings))
+        train(config)
     monkeypatch.setattr(Run, "step", original_step)
+
+
+@pytest.mark.parametrize("settings", [{}, {"generator": "train_factories:dropout"},
+                                      {"video_loss": "train_factories:make_critic", "video_loss_weight": 0.5}],
+                         ids=["default", "dropout", "video_loss"])
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, settings):
+    """Also with a model that draws random numbers while it trains (dropout): nothing else may draw from torch's
+    generator between the restored random state and the first resumed step (the data loader has its own). And
+    with a randomly initialized video critic, which the resumed run must build with the same weights."""
+    settings = dict(task="inpaint", **settings)
+    uninterrupted = train(tiny_config(tmp_path / "a", **settings))
+    train_interrupted_after_two_steps(tiny_config(tmp_path / "b", **settings), monkeypatch)
     assert json.loads((tmp_path / "b" / "checkpoint" / "trainer.json").read_text())["step"] == 2
     resumed = train(tiny_config(tmp_path / "b", resume=True, **settings))
 
