@@ -76,7 +76,7 @@ def build(args, device):
 
 
 class Meter:
-    """Time and peak allocated memory of a part of the step (CUDA); time only elsewhere."""
+    """Time and peak allocated memory of a part of the step (CUDA); time only elsewhere (memory reads 0)."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -118,14 +118,16 @@ def train_step(restorer, vae, optimizer, condition, target_video, target_latents
         latent_mse = F.mse_loss(latents.float(), target_latents)
         (latent_mse + (latents.float() * predicted.grad).sum()).backward()
         optimizer.step()
-    return {"loss": float(latent_mse) + float(pixel), "pixel_loss": float(pixel),
+    memory = {"transformer_peak_bytes": max(forward.peak, backward.peak) - base,
+              "decoder_peak_bytes": decoder.peak - decoder.start_bytes,
+              "saved_activations_bytes": decoder.start_bytes - base,
+              "step_peak_bytes": max(forward.peak, decoder.peak, backward.peak) - base}
+    if device.type != "cuda":
+        memory = dict.fromkeys(memory)
+    return {"loss": float(latent_mse.detach()) + float(pixel.detach()), "pixel_loss": float(pixel.detach()), **memory,
             "transformer_forward_s": forward.seconds, "decoder_s": decoder.seconds,
             "transformer_backward_s": backward.seconds,
-            "step_s": forward.seconds + decoder.seconds + backward.seconds,
-            "transformer_peak_bytes": max(forward.peak, backward.peak) - base,
-            "decoder_peak_bytes": decoder.peak - decoder.start_bytes,
-            "saved_activations_bytes": decoder.start_bytes - base,
-            "step_peak_bytes": max(forward.peak, decoder.peak, backward.peak) - base}
+            "step_s": forward.seconds + decoder.seconds + backward.seconds}
 
 
 def run_size(restorer, vae, lora, size, args, device) -> dict:
@@ -158,7 +160,7 @@ def run_size(restorer, vae, lora, size, args, device) -> dict:
 
 
 def format_table(rows: list[dict], weights: dict, device: str) -> str:
-    gb = lambda b: f"{b / 1e9:.2f}"
+    gb = lambda b: "-" if b is None else f"{b / 1e9:.2f}"  # no allocator peak off CUDA
     lines = [f"Device: {device}. Weights: transformer {gb(weights['transformer'])} GB (frozen), LoRA "
              f"{weights['lora'] / 1e6:.1f} MB, VAE {gb(weights['vae'])} GB.", "",
              "| size (frames x H x W) | latents | transformer tokens | transformer peak (GB) | its saved activations "
