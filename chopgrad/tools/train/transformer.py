@@ -276,10 +276,6 @@ def load_extra_embedding(transformer: nn.Module, folder: str) -> nn.Module:
     return transformer
 
 
-def trainable_parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 __all__ = ["DEFAULT_LORA_TARGETS", "DEFAULT_TIMESTEP", "EXTRA_EMBEDDING_FILE", "LORA_FOLDER", "LORA_WEIGHTS_FILE",
            "NUM_TRAIN_TIMESTEPS", "OneStepWanRestorer", "WidenedPatchEmbedding", "add_lora", "check_transformer_fits",
            "import_peft", "load_extra_embedding", "load_prompt_embeds", "load_restorer", "lora_state_dict",
