@@ -16,8 +16,8 @@ from chopgrad.tools.cli import main  # noqa: E402
 from chopgrad.tools.train.config import TrainConfig  # noqa: E402
 from chopgrad.tools.train.trainer import Run, train  # noqa: E402
 from chopgrad.tools.train.transformer import (  # noqa: E402
-    EXTRA_EMBEDDING_FILE, LORA_WEIGHTS_FILE, OneStepWanRestorer, WidenedPatchEmbedding, load_extra_embedding,
-    load_prompt_embeds)
+    EXTRA_EMBEDDING_FILE, LORA_WEIGHTS_FILE, RESTORER_FILE, OneStepWanRestorer, WidenedPatchEmbedding,
+    load_extra_embedding, load_prompt_embeds, load_trained_restorer)
 
 TEXT_DIM = 12
 
@@ -74,7 +74,7 @@ def test_a_run_trains_the_adapter_and_the_extra_embedding_and_leaves_the_base_al
     assert "patch_embedding.extra.weight" in changed and any("lora_B" in n for n in changed)
     assert folder_digest(Path(base)) == before  # the base folder is read only
     lora = tmp_path / "run" / "lora"
-    assert sorted(p.name for p in lora.iterdir()) == sorted([LORA_WEIGHTS_FILE, EXTRA_EMBEDDING_FILE])
+    assert sorted(p.name for p in lora.iterdir()) == sorted([LORA_WEIGHTS_FILE, EXTRA_EMBEDDING_FILE, RESTORER_FILE])
     keys = load_file(str(lora / LORA_WEIGHTS_FILE)).keys()
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
     # checkpoints keep what the run trains, not the pretrained base
@@ -101,6 +101,12 @@ def test_the_saved_adapter_loads_into_a_fresh_transformer_with_the_trained_outpu
         got = restorer(inputs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert float((want - inputs[:, :4]).abs().max()) > 1e-3  # the trained restorer is not the identity
+
+    # the convenience loader: the base, timestep, extra channels and prompt embedding the run recorded
+    with torch.no_grad():
+        torch.testing.assert_close(load_trained_restorer(lora, vae)(inputs), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="has no restorer.safetensors"):
+        load_trained_restorer(base, vae)
 
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
@@ -131,11 +137,18 @@ def test_step_zero_is_the_pretrained_transformer_by_the_flow_matching_rule(base,
 def test_prompt_embeds_from_a_file_condition_the_transformer(base, tmp_path):
     embeds = torch.randn(5, TEXT_DIM)
     save_file({"prompt_embeds": embeds}, str(tmp_path / "prompt.safetensors"))
-    run = Run(config(base, tmp_path / "run", prompt_embeds=str(tmp_path / "prompt.safetensors")))
+    run = Run(config(base, tmp_path / "run", prompt_embeds=str(tmp_path / "prompt.safetensors"), steps=2,
+                     eval_every=2))
     torch.testing.assert_close(run.model.prompt_embeds, embeds[None])
     inputs = torch.randn(1, 5, 2, 2, 2)
     zero = Run(config(base, tmp_path / "zero"))
     assert not torch.allclose(reference_outputs(run, inputs), reference_outputs(zero, inputs))
+    run.train()
+    # the prompt embedding travels with the adapter: the loaded restorer is conditioned on it
+    restored = load_trained_restorer(str(tmp_path / "run" / "lora"), run.vae)
+    torch.testing.assert_close(restored.prompt_embeds, embeds[None])
+    with torch.no_grad():
+        torch.testing.assert_close(restored(inputs), reference_outputs(run, inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_resume_is_exact(base, tmp_path, monkeypatch):

@@ -36,8 +36,9 @@ module:function replaces it: function(in_channels=..., out_channels=...) must re
 --transformer PATH trains a pretrained Wan transformer (a local diffusers WanTransformer3DModel folder, read
 only) as a one-step restorer with LoRA (peft): the condition latents enter as the noisy latents at --timestep
 and the flow-matching rule x0 = x_t - (t / 1000) * v gives the restored latents. Extra task channels go
-through a zero-initialised second patch embedding. Writes OUT/lora (diffusers' pipeline LoRA format, plus
-extra_input_embedding.safetensors when the task has extra channels). docs/training.md has the recipe.
+through a zero-initialised second patch embedding. Writes OUT/lora: diffusers' pipeline LoRA file, the extra
+embedding when the task has extra channels, and restorer.safetensors (prompt embedding, timestep, base folder),
+which chopgrad.tools.train.transformer.load_trained_restorer reads. docs/training.md has the recipe.
 
 the loss: --latent-weight * MSE(latents) + --pixel-weight * pixel loss of the decoded video (--pixel-loss terms,
 plus --perceptual-weight * the --perceptual image loss per frame) + --video-loss-weight * --video-loss of the

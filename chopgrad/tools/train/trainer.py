@@ -9,8 +9,8 @@ A run writes into its output folder:
 - ``samples/``: per held-out clip shown, a comparison grid PNG and an mp4 (condition | output | target);
 - ``checkpoint/``: model, optimizer, schedule, step and random state (see checkpoint.py), for ``resume``;
 - ``decoder/``: with ``train_decoder``, the fine-tuned VAE as a diffusers folder (``from_pretrained`` loads it);
-- ``lora/``: with ``transformer``, the LoRA adapter in diffusers' pipeline format and the extra input embedding
-  (see transformer.py).
+- ``lora/``: with ``transformer``, the LoRA adapter in diffusers' pipeline format, the extra input embedding and
+  what inference needs besides (see transformer.py).
 
 Peak memory per step is the growth above the step's start: CUDA's allocator peak, or on the CPU the
 process's peak resident memory (see chopgrad.tools.bench.memory). On the CPU that growth is what the process
@@ -348,7 +348,7 @@ class Run:
         if c.transformer is not None:
             from .transformer import LORA_FOLDER, save_lora
 
-            save_lora(self.model, os.path.join(out, LORA_FOLDER))
+            save_lora(self.model, os.path.join(out, LORA_FOLDER), base=c.transformer)
 
 
 def train(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None) -> dict:

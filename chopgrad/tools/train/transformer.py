@@ -35,6 +35,9 @@ TRANSFORMER_CLASS = "WanTransformer3DModel"
 LORA_FOLDER = "lora"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 EXTRA_EMBEDDING_FILE = "extra_input_embedding.safetensors"
+#: the rest of what the restorer needs at inference: the prompt embedding it was trained with, and (as metadata)
+#: its timestep, its extra channels and the base transformer's folder
+RESTORER_FILE = "restorer.safetensors"
 
 
 def import_peft():
@@ -231,9 +234,10 @@ def lora_state_dict(restorer: OneStepWanRestorer) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(restorer.transformer).items()}
 
 
-def save_lora(restorer: OneStepWanRestorer, folder: str) -> str:
-    """Writes the adapter as diffusers' Wan pipelines save LoRA weights (keys under ``transformer.``), and the
-    extra input embedding beside it when there is one; replaces `folder` as a whole. Returns `folder`."""
+def save_lora(restorer: OneStepWanRestorer, folder: str, base: Optional[str] = None) -> str:
+    """Writes the adapter as diffusers' Wan pipelines save LoRA weights (keys under ``transformer.``), the extra
+    input embedding beside it when there is one, and RESTORER_FILE (`base`: the base transformer's folder, which
+    `load_trained_restorer` loads by default); replaces `folder` as a whole. Returns `folder`."""
     import shutil
 
     from diffusers.loaders import WanLoraLoaderMixin
@@ -254,6 +258,10 @@ def save_lora(restorer: OneStepWanRestorer, folder: str) -> str:
                   os.path.join(partial, EXTRA_EMBEDDING_FILE),
                   metadata={"in_channels_offset": str(embedding.pretrained.in_channels),
                             "extra_channels": str(embedding.extra.in_channels)})
+    save_file({"prompt_embeds": restorer.prompt_embeds.detach().float().cpu().contiguous()},
+              os.path.join(partial, RESTORER_FILE),
+              metadata={"timestep": str(restorer.timestep), "extra_channels": str(restorer.extra_channels),
+                        "base": os.path.abspath(base) if base else ""})
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.rename(partial, folder)
@@ -276,7 +284,38 @@ def load_extra_embedding(transformer: nn.Module, folder: str) -> nn.Module:
     return transformer
 
 
+def load_trained_restorer(folder: str, vae, *, base: Optional[str] = None) -> OneStepWanRestorer:
+    """The restorer a `chopgrad train --transformer` run saved in `folder` (its OUT/lora), in eval mode.
+
+    `vae`: the run's VAE (its latent statistics); `base`: the base transformer's folder (default: the one the run
+    trained, recorded in RESTORER_FILE). The adapter loads through diffusers' ``load_lora_adapter``.
+    """
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    path = os.path.join(folder, RESTORER_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"folder: {folder!r} has no {RESTORER_FILE}; give the lora/ folder of a chopgrad train "
+                         f"--transformer run")
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+        prompt_embeds = f.get_tensor("prompt_embeds")
+    base = base or metadata.get("base")
+    if not base:
+        raise ValueError(f"base: {path!r} records no base transformer folder; pass base=")
+    read_transformer_config(base)
+    transformer = WanTransformer3DModel.from_pretrained(base, local_files_only=True)
+    transformer.load_lora_adapter(folder, use_safetensors=True)
+    load_extra_embedding(transformer, folder)
+    latent_channels = transformer.config.in_channels
+    mean = getattr(vae.config, "latents_mean", None) or [0.0] * latent_channels
+    std = getattr(vae.config, "latents_std", None) or [1.0] * latent_channels
+    return OneStepWanRestorer(transformer, extra_channels=int(metadata["extra_channels"]),
+                              timestep=int(metadata["timestep"]), prompt_embeds=prompt_embeds,
+                              latents_mean=mean, latents_std=std).eval()
+
+
 __all__ = ["DEFAULT_LORA_TARGETS", "DEFAULT_TIMESTEP", "EXTRA_EMBEDDING_FILE", "LORA_FOLDER", "LORA_WEIGHTS_FILE",
-           "NUM_TRAIN_TIMESTEPS", "OneStepWanRestorer", "WidenedPatchEmbedding", "add_lora", "check_transformer_fits",
-           "import_peft", "load_extra_embedding", "load_prompt_embeds", "load_restorer", "lora_state_dict",
-           "read_transformer_config", "save_lora"]
+           "NUM_TRAIN_TIMESTEPS", "OneStepWanRestorer", "RESTORER_FILE", "WidenedPatchEmbedding", "add_lora",
+           "check_transformer_fits", "import_peft", "load_extra_embedding", "load_prompt_embeds", "load_restorer",
+           "load_trained_restorer", "lora_state_dict", "read_transformer_config", "save_lora"]
