@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from chopgrad.tools.cli import positive_float, positive_int
 from chopgrad.tools.train.checkpoint import CHECKPOINT_FOLDER, TRAINER_FILE, committed_checkpoint
 from chopgrad.tools.train.compare import method_configs, run_in_process, write_comparison
 from chopgrad.tools.train.config import TrainConfig
@@ -307,26 +308,6 @@ def results_body(args, settings: dict, device: str, command: str, wall: float, p
             f"({wall:.0f} s in all; budget {args.budget:.0f} s, each run's limit {per_run:.0f} s).{sharing} Step "
             f"peak: the allocator's (CUDA) or resident memory's (CPU) growth during a step; process peak: "
             f"torch.cuda.max_memory_allocated of the whole run. Plot: `{shown_plot}`.\n\n{table}\n\n{notes}\n")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv):

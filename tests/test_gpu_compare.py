@@ -126,9 +126,9 @@ def test_the_section_is_replaced_under_its_heading_and_nothing_else_changes(tmp_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tiny", "--budget", "0"], "--budget: expected a finite number > 0"),
+    (["--tiny", "--budget", "0"], "--budget: expected a positive number"),
     (["--tiny", "--budget", "25"], "--budget 25: leaves no time to train"),
-    (["--tiny", "--parallel", "0"], "--parallel: expected an integer >= 1"),
+    (["--tiny", "--parallel", "0"], "--parallel: expected a positive integer"),
     (["--tiny", "--device", "nonsense"], "--device nonsense"),
 ])
 def test_bad_arguments_stop_with_a_message_that_names_them(tmp_path, capsys, args, message):

@@ -36,10 +36,10 @@ def _number(parse, *, minimum, strict: bool, what: str):
     return check
 
 
-_positive_int = _number(int, minimum=1, strict=False, what="a positive integer")
-_nonneg_int = _number(int, minimum=0, strict=False, what="an integer >= 0")
-_positive_float = _number(float, minimum=0.0, strict=True, what="a positive number")
-_nonneg_float = _number(float, minimum=0.0, strict=False, what="a number >= 0")
+positive_int = _number(int, minimum=1, strict=False, what="a positive integer")
+nonneg_int = _number(int, minimum=0, strict=False, what="an integer >= 0")
+positive_float = _number(float, minimum=0.0, strict=True, what="a positive number")
+nonneg_float = _number(float, minimum=0.0, strict=False, what="a number >= 0")
 
 
 def _help_with_default(text: str, default) -> str:
@@ -121,13 +121,13 @@ def build_parser() -> _Parser:
     b.add_argument("--quick", action="store_true",
                    help=f"small grid (frames {_grid(QUICK_FRAMES)}, sizes {_grid(QUICK_SIZES)}, d_trunc "
                         f"{_grid(QUICK_D_TRUNCS)}); a few minutes on 2 CPU cores")
-    b.add_argument("--frames", type=_positive_int, nargs="+",
+    b.add_argument("--frames", type=positive_int, nargs="+",
                    help=f"pixel frame counts ({FRAME_RULES}) (default: "
                         f"{_grid(FULL_FRAMES)}; with --quick: {_grid(QUICK_FRAMES)})")
-    b.add_argument("--sizes", type=_positive_int, nargs="+",
+    b.add_argument("--sizes", type=positive_int, nargs="+",
                    help=f"square resolutions in pixels (default: {_grid(FULL_SIZES)}; with --quick: "
                         f"{_grid(QUICK_SIZES)})")
-    b.add_argument("--d-trunc", dest="d_truncs", type=_nonneg_int, nargs="+",
+    b.add_argument("--d-trunc", dest="d_truncs", type=nonneg_int, nargs="+",
                    help=f"truncation distances of chopgrad's methods (default: {_grid(FULL_D_TRUNCS)}; with "
                         f"--quick: {_grid(QUICK_D_TRUNCS)})")
     b.add_argument("--schedules", nargs="+", choices=("sliding", "chunked", "sliding_recompute"),
@@ -138,27 +138,27 @@ def build_parser() -> _Parser:
     b.add_argument("--unfused", action="store_true",
                    help="also measure every chopgrad method with lean=False (the model's own modules instead of "
                         "the fused decoder ops that pixel_loss uses by default)")
-    b.add_argument("--tile", type=_positive_int, metavar="PIXELS",
+    b.add_argument("--tile", type=positive_int, metavar="PIXELS",
                    help="also measure every chopgrad method with pixel_loss(tile=PIXELS): a spatially tiled "
                         "backward (a multiple of the model's spatial stride) (default: no tiled rows)")
     b.add_argument("--tile-grads", nargs="+", choices=("exact", "truncated"), default=["exact"],
                    help="the tile_grad modes measured with --tile")
-    b.add_argument("--tile-halo", type=_nonneg_int, metavar="PIXELS",
+    b.add_argument("--tile-halo", type=nonneg_int, metavar="PIXELS",
                    help="tile_halo of tile_grad='truncated' (default: one spatial stride, as pixel_loss)")
-    b.add_argument("--repeats", type=_positive_int, default=3,
+    b.add_argument("--repeats", type=positive_int, default=3,
                    help="timed rounds per clip and size: all methods that fit in memory run in one process, "
                    "interleaved (one step of each per round, in rotating order, with glibc's usual allocator "
                    "thresholds); each method's median is reported")
-    b.add_argument("--warmup", type=_nonneg_int, default=0,
+    b.add_argument("--warmup", type=nonneg_int, default=0,
                    help="untimed full steps before the memory-measured one, and untimed rounds before the timed "
                    "ones in addition to the one that always runs (a short step on the first 3 latent frames "
                    "always runs first, so one-time library and cache costs are not counted)")
-    b.add_argument("--memory-budget", type=_positive_float, metavar="GIB",
+    b.add_argument("--memory-budget", type=positive_float, metavar="GIB",
                    help="a configuration whose peak (RSS on CPU, allocator on CUDA) exceeds this many GiB is "
                         "reported as OOM (default: 80%% of available RAM / GPU memory)")
-    b.add_argument("--timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
+    b.add_argument("--timeout", type=positive_float, default=1800.0, metavar="SECONDS",
                    help="wall-clock limit per configuration; one that runs longer is reported as timeout")
-    b.add_argument("--threads", type=_positive_int, help="CPU threads per worker (default: the cores not busy "
+    b.add_argument("--threads", type=positive_int, help="CPU threads per worker (default: the cores not busy "
                                                          "with other processes, from the load average)")
     b.add_argument("--out", default="bench_out", metavar="DIR",
                    help="output folder for results.json, results.md and the plots (created if missing)")
@@ -171,18 +171,18 @@ def build_parser() -> _Parser:
                   "truncated-gradient fidelity")
     p = parser.add_command(sub, "probe", probe_help)
     _add_model_args(p)
-    p.add_argument("--frames", type=_positive_int, default=33,
+    p.add_argument("--frames", type=positive_int, default=33,
                    help=f"pixel frames ({FRAME_RULES})")
-    p.add_argument("--size", type=_positive_int, default=64, help="square resolution in pixels")
-    p.add_argument("--eps", type=_positive_float, default=1e-3,
+    p.add_argument("--size", type=positive_int, default=64, help="square resolution in pixels")
+    p.add_argument("--eps", type=positive_float, default=1e-3,
                    help="tolerance for the recommended d_trunc: the distance whose fitted influence is below it")
-    p.add_argument("--max-distance", type=_nonneg_int,
+    p.add_argument("--max-distance", type=nonneg_int,
                    help="largest distance measured (default: all, up to the number of decoder steps - 1)")
-    p.add_argument("--max-d-trunc", type=_nonneg_int, default=4, metavar="N",
+    p.add_argument("--max-d-trunc", type=nonneg_int, default=4, metavar="N",
                    help="measure the truncated-gradient fidelity for d_trunc 0..N")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the synthetic input clip (and of the random latents of the random-weight models)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: the cores not busy with other "
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores not busy with other "
                                                          "processes, from the load average)")
     p.add_argument("--out", default="probe_out", metavar="DIR",
                    help="output folder for probe.json, probe.md and probe.png (created if missing)")
@@ -191,8 +191,8 @@ def build_parser() -> _Parser:
     from chopgrad.tools.train.command import add_train_command
 
     train = add_train_command(
-        parser, sub, positive_int=_positive_int, nonneg_int=_nonneg_int, positive_float=_positive_float,
-        nonneg_float=_nonneg_float,
+        parser, sub, positive_int=positive_int, nonneg_int=nonneg_int, positive_float=positive_float,
+        nonneg_float=nonneg_float,
         add_model=lambda p: _add_model_args(p, "fp32, or bf16: bf16 autocast of the model and decoder compute "
                                                "(weights and optimizer state stay fp32)"))
     train.set_defaults(func=cmd_train)
