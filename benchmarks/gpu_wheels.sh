@@ -10,10 +10,10 @@
 set -euo pipefail
 DIR=${1:-.whl}
 mkdir -p "$DIR"
-# peft and what it needs in turn beyond the common set (transformers 5 with tokenizers, kernels and typer's CLI
-# stack), for `chopgrad train --transformer` and benchmarks/gpu_train_step.py.
-for name in diffusers av pytorch-msssim importlib-metadata zipp peft transformers tokenizers kernels tomlkit \
-        typer click rich shellingham markdown-it-py mdurl pygments annotated-doc psutil pyyaml regex ${EXTRA:-}; do
+# peft and transformers (for `chopgrad train --transformer` and benchmarks/gpu_train_step.py) are not fetched:
+# the H200 image has them (the device library's KINDS.md), and with them the wheels would pass the 64 MiB a device
+# call may carry. On another image: EXTRA="peft transformers tokenizers ...".
+for name in diffusers av pytorch-msssim importlib-metadata zipp ${EXTRA:-}; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$DIR" "$name" 2>&1 \
