@@ -52,7 +52,8 @@ def build(args, device):
     from diffusers import WanTransformer3DModel
 
     from chopgrad.tools.bench.workloads import WAN21_RANDOM, load_model
-    from chopgrad.tools.train.transformer import DEFAULT_LORA_TARGETS, OneStepWanRestorer, add_lora
+    from chopgrad.tools.train.transformer import (DEFAULT_LORA_TARGETS, OneStepWanRestorer, add_lora,
+                                                  latent_statistics)
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -66,8 +67,9 @@ def build(args, device):
     vae = load_model("tiny-wan21" if args.tiny else WAN21_RANDOM, device=device, dtype=dtype).requires_grad_(False)
     tokens = TINY_PROMPT_TOKENS if args.tiny else PROMPT_TOKENS
     prompt = torch.randn(1, tokens, config["text_dim"], device=device)
+    mean, std = latent_statistics(vae, config["in_channels"])
     restorer = OneStepWanRestorer(transformer, extra_channels=0, timestep=TIMESTEP, prompt_embeds=prompt,
-                                  latents_mean=vae.config.latents_mean, latents_std=vae.config.latents_std).to(device)
+                                  latents_mean=mean, latents_std=std).to(device)
     lora = [p for p in restorer.parameters() if p.requires_grad]
     nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)
     weights = {"transformer": nbytes(p for p in transformer.parameters() if not p.requires_grad),

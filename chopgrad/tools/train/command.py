@@ -312,12 +312,10 @@ def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False):
 
 def _check_transformer(config: TrainConfig, fail) -> None:
     """The --transformer folder's config, peft and the --prompt-embeds file, before any model is loaded."""
-    from .transformer import import_peft, load_prompt_embeds, read_transformer_config
+    from .transformer import check_transformer_inputs
 
     try:
-        transformer_config = read_transformer_config(config.transformer)
-        import_peft()
-        load_prompt_embeds(config.prompt_embeds, transformer_config.get("text_dim", 4096))
+        check_transformer_inputs(config.transformer, config.prompt_embeds)
     except ValueError as exc:
         fail(str(exc))
 

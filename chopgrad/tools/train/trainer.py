@@ -60,10 +60,9 @@ def build_model(config: TrainConfig, z_dim: int, extra: int, vae=None) -> nn.Mod
     """The default OneStepLatentModel, `config.generator`'s module (called with in/out channel counts), or the
     `config.transformer` restorer (which takes the latent statistics from `vae`)."""
     if config.transformer is not None:
-        from .transformer import load_restorer
+        from .transformer import latent_statistics, load_restorer
 
-        mean = getattr(vae.config, "latents_mean", None) or [0.0] * z_dim
-        std = getattr(vae.config, "latents_std", None) or [1.0] * z_dim
+        mean, std = latent_statistics(vae, z_dim)
         return load_restorer(config.transformer, latent_channels=z_dim, extra_channels=extra,
                              timestep=config.timestep, prompt_embeds=config.prompt_embeds,
                              lora_rank=config.lora_rank, lora_alpha=config.lora_scale_alpha,
@@ -137,11 +136,9 @@ class Run:
             resolve_factory(config.perceptual, "--perceptual")
         transformer_config = None
         if config.transformer is not None:
-            from .transformer import import_peft, load_prompt_embeds, read_transformer_config
+            from .transformer import check_transformer_inputs
 
-            transformer_config = read_transformer_config(config.transformer)
-            import_peft()
-            load_prompt_embeds(config.prompt_embeds, transformer_config.get("text_dim", 4096))
+            transformer_config = check_transformer_inputs(config.transformer, config.prompt_embeds)
         if config.video_loss is None:
             if video_critic is not None:
                 raise ValueError("video_critic is given but config.video_loss is None: the config must name it")

@@ -114,6 +114,23 @@ def load_prompt_embeds(path: Optional[str], text_dim: int) -> torch.Tensor:
     return embeds.float()
 
 
+def check_transformer_inputs(path: str, prompt_embeds: Optional[str]) -> dict:
+    """Everything --transformer needs that can be checked before any model loads: the folder's config (returned),
+    peft, and the --prompt-embeds file against the transformer's text_dim. ValueError naming the option."""
+    config = read_transformer_config(path)
+    import_peft()
+    load_prompt_embeds(prompt_embeds, config.get("text_dim", 4096))
+    return config
+
+
+def latent_statistics(vae, channels: int) -> tuple[Sequence[float], Sequence[float]]:
+    """(latents_mean, latents_std) of `vae`'s config, what the Wan pipelines normalise latents with; zeros and
+    ones for a VAE whose config has none (its latents are used as they are)."""
+    mean = getattr(vae.config, "latents_mean", None) or [0.0] * channels
+    std = getattr(vae.config, "latents_std", None) or [1.0] * channels
+    return mean, std
+
+
 class WidenedPatchEmbedding(nn.Module):
     """The pretrained patch embedding on the first ``in_channels`` input channels, plus a zero-initialised one
     (same kernel and stride, no bias) on the channels after them."""
@@ -307,9 +324,7 @@ def load_trained_restorer(folder: str, vae, *, base: Optional[str] = None) -> On
     transformer = WanTransformer3DModel.from_pretrained(base, local_files_only=True)
     transformer.load_lora_adapter(folder, use_safetensors=True)
     load_extra_embedding(transformer, folder)
-    latent_channels = transformer.config.in_channels
-    mean = getattr(vae.config, "latents_mean", None) or [0.0] * latent_channels
-    std = getattr(vae.config, "latents_std", None) or [1.0] * latent_channels
+    mean, std = latent_statistics(vae, transformer.config.in_channels)
     return OneStepWanRestorer(transformer, extra_channels=int(metadata["extra_channels"]),
                               timestep=int(metadata["timestep"]), prompt_embeds=prompt_embeds,
                               latents_mean=mean, latents_std=std).eval()
@@ -317,5 +332,5 @@ def load_trained_restorer(folder: str, vae, *, base: Optional[str] = None) -> On
 
 __all__ = ["DEFAULT_LORA_TARGETS", "DEFAULT_TIMESTEP", "EXTRA_EMBEDDING_FILE", "LORA_FOLDER", "LORA_WEIGHTS_FILE",
            "NUM_TRAIN_TIMESTEPS", "OneStepWanRestorer", "RESTORER_FILE", "WidenedPatchEmbedding", "add_lora",
-           "check_transformer_fits", "import_peft", "load_extra_embedding", "load_prompt_embeds", "load_restorer",
+           "check_transformer_fits", "check_transformer_inputs", "import_peft", "latent_statistics", "load_extra_embedding", "load_prompt_embeds", "load_restorer",
            "load_trained_restorer", "lora_state_dict", "read_transformer_config", "save_lora"]
