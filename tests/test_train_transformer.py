@@ -251,3 +251,58 @@ def test_two_rank_gloo_step_equals_one_process_on_the_union_of_the_clips(base, t
     from test_train_run import test_two_rank_gloo_step_equals_one_process_on_the_union_of_the_clips as check
 
     check(tmp_path, {"transformer": base, "lora_rank": 2})
+
+
+def test_the_widened_patch_embedding_equals_one_wider_convolution():
+    """Values and gradients against a single Conv3d over all channels whose weight is the two weights side by side."""
+    torch.manual_seed(3)
+    pretrained = torch.nn.Conv3d(4, 6, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+    widened = WidenedPatchEmbedding(pretrained, 3)
+    assert float(widened.extra.weight.detach().abs().max()) == 0
+    with torch.no_grad():
+        widened.extra.weight.normal_()
+    wide = torch.nn.Conv3d(7, 6, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+    with torch.no_grad():
+        wide.weight.copy_(torch.cat([pretrained.weight, widened.extra.weight], dim=1))
+        wide.bias.copy_(pretrained.bias)
+    x = torch.randn(2, 7, 3, 4, 6, requires_grad=True)
+    got = widened(x)
+    want = wide(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    cotangent = torch.randn_like(want)
+    got_x, got_w, got_extra, got_b = torch.autograd.grad(got, [x, pretrained.weight, widened.extra.weight,
+                                                               pretrained.bias], cotangent)
+    want_x, want_w, want_b = torch.autograd.grad(want, [x, wide.weight, wide.bias], cotangent)
+    torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([got_w, got_extra], dim=1), want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_b, want_b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_restorer_gradient_equals_the_rule_written_out(base, tmp_path):
+    """The LoRA and extra-embedding gradients of a pixel loss through the restorer equal those of the one-step rule
+    written out by hand on the transformer (normalise, predict the velocity, x0 = x_t - s v, un-normalise)."""
+    run = Run(config(base, tmp_path / "run", task="inpaint"))
+    restorer = run.model
+    trainable = [p for p in restorer.parameters() if p.requires_grad]
+    with torch.no_grad():  # away from the zero start, so every trainable weight has a gradient
+        for p in trainable:
+            p.add_(0.1 * torch.randn_like(p))
+    # three distinct tokens, so the cross-attention keys matter (one token gets all the attention whatever its key)
+    restorer.prompt_embeds = torch.randn(1, 3, TEXT_DIM)
+    inputs = torch.randn(1, 5, 3, 2, 2)
+    target = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+
+    import chopgrad
+
+    got = torch.autograd.grad(chopgrad.pixel_loss(run.vae, restorer(inputs), target, d_trunc=None), trainable)
+    mean = torch.tensor(run.vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(run.vae.config.latents_std).view(1, 4, 1, 1, 1)
+    noisy = (inputs[:, :4] - mean) / std
+    velocity = restorer.transformer(torch.cat([noisy, inputs[:, 4:]], dim=1), torch.tensor([399]),
+                                    restorer.prompt_embeds, return_dict=False)[0]
+    latents = (noisy - 0.399 * velocity) * std + mean
+    video = run.vae.decode(latents).sample.clamp(-1, 1)
+    want = torch.autograd.grad(torch.nn.functional.mse_loss(video, target), trainable)
+    assert all(float(g.abs().max()) > 0 for g in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
