@@ -59,7 +59,7 @@ class VideoLoss:
                 if sup:
                     device = self.mask.tensor.device if self.mask.tensor is not None else "cpu"
                     m = self.mask.get(self.plan.frame_slice(g), like=torch.empty(0, device=device))
-                    total += float(m.float().sum()) * (c if m.shape[1] == 1 else 1)
+                    total += float(m.sum(dtype=torch.float64)) * (c if m.shape[1] == 1 else 1)
         # An all-zero mask supervises no pixel: the elementwise terms and their gradient are 0, not 0/0.
         return total if total > 0 else 1.0
 
@@ -78,45 +78,63 @@ class VideoLoss:
         return self._autograd(step, raw_frames, target, mask, need_grad)
 
     def _fused(self, raw, target, mask, need_grad):
-        target = target.to(raw.dtype)
+        # The loss is that of the frames against the target as given (PyTorch's type promotion, as in
+        # F.mse_loss(pred, target)): an fp32 target is not rounded to a bf16 decoder's frames, the frames are
+        # lifted to fp32 for the loss instead, and the gradient goes back in the frames' dtype.
+        dtype = torch.promote_types(raw.dtype, target.dtype)
+        private_raw = need_grad and getattr(self.adapter, "frames_are_private", False) and raw.is_contiguous()
+        frames = raw if raw.dtype == dtype else raw.to(dtype, memory_format=torch.contiguous_format)
+        target = target.to(dtype)
+        in_place = need_grad and (private_raw or frames is not raw)
         value = torch.zeros((), device=raw.device, dtype=torch.float32)
-        in_place = need_grad and getattr(self.adapter, "frames_are_private", False) and raw.is_contiguous()
         ssim_grad = None
         if self.ssim_weight:
             scale = self._ssim_scale()
             if need_grad:
                 # SSIM reads its inputs twice; when a pixel loss follows, it may not overwrite them.
                 out = "inplace" if in_place and not self.pixel_weights else None
-                ssim, ssim_grad = kernels.ssim_value_and_grad(raw, target, clamp=self.fused_clamp, grad_scale=-scale,
-                                                              out_grad=out)
+                ssim, ssim_grad = kernels.ssim_value_and_grad(frames, target, clamp=self.fused_clamp,
+                                                              grad_scale=-scale, out_grad=out)
             else:
-                ssim = kernels.ssim_frames(raw, target, clamp=self.fused_clamp)
+                ssim = kernels.ssim_frames(frames, target, clamp=self.fused_clamp)
             value = value + scale * (ssim.numel() - ssim.sum())
         if not self.pixel_weights:
-            return (value, ssim_grad) if need_grad else value
+            return (value, self._in_frames_dtype(ssim_grad, raw, private_raw)) if need_grad else value
         options = dict(kind=self.pixel_weights, clamp=self.fused_clamp, delta=HUBER_DELTA, eps=CHARBONNIER_EPS)
         if not need_grad:
-            sums = kernels.pixel_loss_frames(raw, target, mask, **options)
+            sums = kernels.pixel_loss_frames(frames, target, mask, **options)
             return value + sums.sum() / self.element_denominator
-        sums, grad = kernels.pixel_loss_value_and_grad(raw, target, mask, grad_scale=1.0 / self.element_denominator,
+        sums, grad = kernels.pixel_loss_value_and_grad(frames, target, mask, grad_scale=1.0 / self.element_denominator,
                                                        out_grad="inplace" if in_place else None, **options)
         if ssim_grad is not None:
             grad = grad.add_(ssim_grad)
-        return value + sums.sum() / self.element_denominator, grad
+        return value + sums.sum() / self.element_denominator, self._in_frames_dtype(grad, raw, private_raw)
+
+    @staticmethod
+    def _in_frames_dtype(grad: torch.Tensor, raw: torch.Tensor, private_raw: bool) -> torch.Tensor:
+        """The gradient in the dtype of the decoder's frames (autograd needs it so); in their storage if private."""
+        if grad.dtype == raw.dtype:
+            return grad
+        return raw.copy_(grad) if private_raw else grad.to(raw.dtype)
 
     def _autograd(self, step, raw, target, mask, need_grad):
         pred = self.adapter.clamp(raw) if self.clamp else raw
-        total = torch.zeros((), device=pred.device, dtype=torch.float32)
+        # Sums in at least fp32; a float64 decoder keeps float64 throughout.
+        loss_dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+        total = torch.zeros((), device=pred.device, dtype=loss_dtype)
         if self.pixel_weights:
-            p32, t32 = pred.float(), target.float()
-            per_element = sum(w * ELEMENTWISE_LOSSES[name](p32, t32) for name, w in self.pixel_weights.items())
+            p_loss, t_loss = pred.to(loss_dtype), target.to(loss_dtype)
+            per_element = sum(w * ELEMENTWISE_LOSSES[name](p_loss, t_loss) for name, w in self.pixel_weights.items())
             if mask is not None:
-                per_element = per_element * mask.float()
+                per_element = per_element * mask.to(loss_dtype)
             total = total + per_element.sum() / self.element_denominator
         if self.ssim_weight:
             scale = self._ssim_scale()
-            ssim, grad = kernels.ssim_value_and_grad(pred.detach(), target.to(pred.dtype), grad_scale=-scale)
-            surrogate = (pred * grad).sum().float()  # its gradient w.r.t. pred is the fused SSIM gradient
+            ssim_dtype = torch.promote_types(pred.dtype, target.dtype)
+            ssim, grad = kernels.ssim_value_and_grad(pred.detach().to(ssim_dtype), target.to(ssim_dtype),
+                                                     grad_scale=-scale)
+            # Its gradient w.r.t. pred is the fused SSIM gradient.
+            surrogate = (pred * grad.to(pred.dtype)).sum().to(loss_dtype)
             total = total + scale * (ssim.numel() - ssim.sum()) + surrogate - surrogate.detach()
         if mask is not None:
             # For a callable the mask selects pixels; its weights scale only the elementwise terms. A weighted
@@ -133,5 +151,5 @@ class VideoLoss:
                                  f"no graph (requires_grad=False) while gradients are wanted, so it would contribute "
                                  f"no gradient: compute it from pred with differentiable torch ops (no .detach(), "
                                  f".item() or numpy round trip)")
-            total = total + term.weight * share * value.reshape(()).float()
+            total = total + term.weight * share * value.reshape(()).to(torch.promote_types(value.dtype, torch.float32))
         return total

@@ -7,6 +7,17 @@ namespace chopgrad {
 
 namespace {
 
+// The dtype gradients and loss values are summed in: fp32 for bf16 and fp16,
+// a tensor's own dtype otherwise (float64 stays float64). Each backward call's
+// contribution is already rounded to the tensor's own dtype, so summing a
+// dozen of them in bf16 or fp16 would add one more rounding per step
+// (parameters summed over many positions and steps lose the most); fp32 keeps
+// one final rounding.
+at::ScalarType accumulation_dtype(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) ? at::kFloat : dtype;
+}
+
 State detach_state(const State& state) {
   State out;
   out.reserve(state.size());
@@ -107,12 +118,13 @@ struct EngineCore {
     for (int64_t g = 0; g <= last; ++g) {
       StepResult out = run_step(g, latent_group(latents, g), state, false);
       if (plan.supervised[static_cast<size_t>(g)]) {
-        at::Tensor value = loss(g, out.frames, false).value.detach().to(at::kFloat);
+        at::Tensor value = loss(g, out.frames, false).value.detach();
+        value = value.to(accumulation_dtype(value));
         total = total.defined() ? total + value : value;
       }
       state = std::move(out.next_state);
     }
-    if (!total.defined()) total = at::zeros({}, latents.options().dtype(at::kFloat));
+    if (!total.defined()) total = at::zeros({}, latents.options().dtype(accumulation_dtype(latents)));
     return total;
   }
 };
@@ -125,15 +137,6 @@ struct GradTargets {
   std::vector<int64_t> group_of_leaf;
   std::vector<at::Tensor> leaves;
 };
-
-// The dtype gradients are summed in: each backward call's contribution is
-// already rounded to the tensor's own dtype, so summing a dozen of them in
-// bf16 or fp16 would add one more rounding per step (parameters summed over
-// many positions and steps lose the most); fp32 keeps one final rounding.
-at::ScalarType accumulation_dtype(const at::Tensor& t) {
-  const auto dtype = t.scalar_type();
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) ? at::kFloat : dtype;
-}
 
 at::Tensor zeros_for_accumulation(const at::Tensor& t) {
   return at::zeros_like(t, t.options().dtype(accumulation_dtype(t)), at::MemoryFormat::Contiguous);
@@ -262,7 +265,7 @@ at::Tensor add_loss(EngineCore& core, int64_t g, const at::Tensor& frames, std::
     outputs.push_back(l.value.reshape({}));
     grad_outputs.push_back(at::ones({}, l.value.options()));
   }
-  return l.value.detach().reshape({}).to(at::kFloat);
+  return l.value.detach().reshape({}).to(accumulation_dtype(l.value));
 }
 
 struct Totals {
@@ -493,7 +496,7 @@ class TruncatedLoss : public torch::autograd::Function<TruncatedLoss> {
     std::vector<int64_t> input_dtypes{static_cast<int64_t>(latents.scalar_type())};
     for (const auto& p : params) input_dtypes.push_back(static_cast<int64_t>(p.scalar_type()));
     ctx->saved_data["input_dtypes"] = input_dtypes;
-    if (!totals.value.defined()) return at::zeros({}, latents.options().dtype(at::kFloat));
+    if (!totals.value.defined()) return at::zeros({}, latents.options().dtype(accumulation_dtype(latents)));
     return totals.value;
   }
 
