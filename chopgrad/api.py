@@ -155,6 +155,12 @@ def _prepare(vae_or_decoder, latents) -> tuple[DecoderAdapter, DecodePlan]:
         if expected is not None and latents.device != expected:
             raise ValueError(f"latents are on device {latents.device}, but the decoder computes on {expected}: "
                              f"move them with latents.to({str(expected)!r})")
+        dtypes = adapter.compute_dtypes()
+        if (dtypes and latents.is_floating_point() and latents.dtype not in dtypes
+                and not torch.is_autocast_enabled(latents.device.type)):
+            names = " / ".join(sorted(str(d) for d in dtypes))
+            raise TypeError(f"latents have dtype {latents.dtype}, but the decoder computes in {names}: cast them "
+                            f"with latents.to({names.split(' / ')[0]}), or run under torch.autocast")
     return adapter, adapter.plan(latents)
 
 
@@ -177,14 +183,16 @@ def pixel_loss(
 ) -> torch.Tensor:
     """Pixel-space loss of the decoded video with a truncated gradient through the decoder cache.
 
-    Returns a 0-dim float32 tensor equal to `loss(vae.decode(latents).sample, target)`
-    (over the supervised frames). Its backward delivers the gradient of
+    Returns a 0-dim tensor (float32; float64 for a float64 decoder) equal to
+    `loss(vae.decode(latents).sample, target)` (over the supervised frames). Its backward delivers the gradient of
     docs/design.md section 2 to `latents` (so to whatever produced them) and to
     every decoder parameter with requires_grad: the loss of decoder step g
     reaches steps g-d_trunc .. g only. `d_trunc=None` gives the exact gradient.
 
     Args:
-        vae_or_decoder: a diffusers AutoencoderKLWan / AutoencoderKLCogVideoX, or an adapter.
+        vae_or_decoder: a diffusers VAE of a family `chopgrad.wrap` knows (Wan 2.1 / 2.2, CogVideoX,
+            HunyuanVideo, HunyuanVideo 1.5, Mochi, EasyAnimate; the whole VAE, not its decoder alone), or an
+            adapter (`chopgrad.FunctionalAdapter` for any other causal decoder).
         latents: (B, z_dim, T, h, w) latents.
         target: the (B, C, F, H, W) target video on any device, or a callable
             `frame_slice -> (B, C, f, H, W) tensor` (streaming).
@@ -208,7 +216,10 @@ def pixel_loss(
             values, so uniform weights of 2 leave a callable's value as it is
             without a mask. An all-zero mask supervises no pixel: the
             elementwise terms are 0 with zero gradient (not 0/0), and
-            callables see the target in place of the prediction.
+            callables see the target in place of the prediction. A callable
+            mask is called twice per supervised step when "mean" divides an
+            elementwise term by its sum: once to sum it before decoding,
+            once beside the step's frames (it must return the same values).
         reduction: "mean" (over supervised elements, or the mask sum) or "sum".
         groups: decoder step indices to supervise (None: all), integers or an
             integer array/tensor. Decoding stops after the last supervised
@@ -299,7 +310,9 @@ def decode(
     one decode less.
 
     Args:
-        vae_or_decoder: a diffusers AutoencoderKLWan / AutoencoderKLCogVideoX, or an adapter.
+        vae_or_decoder: a diffusers VAE of a family `chopgrad.wrap` knows (Wan 2.1 / 2.2, CogVideoX,
+            HunyuanVideo, HunyuanVideo 1.5, Mochi, EasyAnimate; the whole VAE, not its decoder alone), or an
+            adapter (`chopgrad.FunctionalAdapter` for any other causal decoder).
         latents: (B, z_dim, T, h, w) latents.
         d_trunc, schedule, lean, tile, tile_grad, tile_halo: as in `pixel_loss`;
             they shape the gradient and the backward's memory, never the video.
@@ -323,8 +336,12 @@ def decode(
     if not (torch.is_grad_enabled() and (latents.requires_grad or trainable)):
         return decode_without_graph(adapter, plan, latents, clamp=clamp, lean=lean, callback=callback)
     if callback is not None:
-        raise ValueError("callback streams frames out without a graph, so it cannot carry a gradient: call decode "
-                         "without callback to get a differentiable video, or under torch.no_grad() to stream")
+        why = ("the latents require grad" if latents.requires_grad else
+               f"{len(trainable)} decoder parameters require grad (diffusers' default; "
+               f"vae.requires_grad_(False) freezes them)")
+        raise ValueError(f"callback streams frames out without a graph, so it cannot carry a gradient, and a "
+                         f"gradient is wanted: {why}. Call decode without callback to get a differentiable video, "
+                         f"or under torch.no_grad() to stream")
     _check_trainable_not_cast(adapter)
     backward_adapter = _with_tiling(adapter, plan, latents, tile, tile_grad, tile_halo)
     d = min(d, plan.num_steps)

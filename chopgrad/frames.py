@@ -72,7 +72,9 @@ class FrameSource:
             shape = list(self.video_shape)
             shape[2] = frames.stop - frames.start
             self._check(part, tuple(shape), whole_video=False)
-        return part.to(device=like.device, non_blocking=True)
+        # Asynchronous only towards an accelerator, whose stream orders the copy before its use; a copy to the
+        # CPU must be complete before the CPU reads it.
+        return part.to(device=like.device, non_blocking=like.device.type != "cpu")
 
 
 def optional_source(source: Optional[FrameInput], name: str, video_shape: tuple, **kw) -> Optional[FrameSource]:

@@ -122,3 +122,75 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     with pytest.raises(ImportError, match="pip install --no-build-isolation -e ."):
         _ext.load_extension()
     assert _ext.extension_status()[0] is False
+
+
+@pytest.mark.parametrize("family", ["wan21", "cogvideox", "mochi", "easyanimate", "hunyuan_video15"])
+def test_diffusers_tiling_is_refused_where_chopgrad_decodes_untiled(family):
+    """With enable_tiling() the model's decode blends tiles; chopgrad's untiled frames would silently differ."""
+    import tiny_models
+
+    vae = getattr(tiny_models, f"tiny_{family}")()
+    latents = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        untiled = chopgrad.decode(vae, latents)
+    vae.enable_tiling()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"vae\.disable_tiling\(\)"):
+        chopgrad.decode(vae, latents)
+    with pytest.raises(ValueError, match="enable_tiling"):
+        chopgrad.pixel_loss(vae, latents.clone().requires_grad_(True), torch.zeros_like(untiled))
+    vae.disable_tiling()
+    with torch.no_grad():
+        assert torch.equal(chopgrad.decode(vae, latents), untiled)
+
+
+def test_hunyuan_video_follows_diffusers_tiling():
+    from tiny_models import tiny_hunyuan_video
+
+    vae = tiny_hunyuan_video()
+    vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=8,
+                      tile_sample_stride_width=8)
+    latents = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(chopgrad.decode(vae, latents), vae.decode(latents).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_latents_in_another_dtype_than_the_decoder_are_named(wan, counting_adapter, dtype):
+    vae, latents, video = wan
+    adapter, calls = counting_adapter
+    z = latents.to(dtype)
+    with pytest.raises(TypeError, match=rf"latents have dtype {dtype}, but the decoder computes in torch\.float32"):
+        chopgrad.pixel_loss(adapter, z, video)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"latents\.to\(torch\.float32\)"):
+        chopgrad.decode(adapter, z)
+    assert calls == []
+    if dtype == torch.bfloat16:  # under autocast the decoder casts the latents itself, as vae.decode does
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = vae.decode(z).sample
+            got = chopgrad.decode(vae, z, lean=False)
+        assert torch.equal(got, want)
+
+
+def test_a_refused_callback_says_why_a_gradient_is_wanted(wan):
+    vae, latents, video = wan
+    trainable = sum(1 for p in chopgrad.wrap(vae).parameters() if p.requires_grad)
+    assert trainable > 0  # diffusers' default
+    with pytest.raises(ValueError, match=rf"{trainable} decoder parameters require grad .*requires_grad_\(False\)"):
+        chopgrad.decode(vae, latents, callback=lambda frames, x: None)
+    with pytest.raises(ValueError, match="the latents require grad"):
+        chopgrad.decode(vae.requires_grad_(False), latents.clone().requires_grad_(True), callback=lambda f, x: None)
+    vae.requires_grad_(True)
+
+
+@pytest.mark.cuda
+def test_a_cuda_mask_callable_with_a_cpu_decoder_is_summed_after_its_copy(wan):
+    """The copy of a streamed mask to the CPU completes before the "mean" denominator reads it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    vae, latents, video = wan
+    mask = torch.rand(video.shape, generator=torch.Generator().manual_seed(2)).cuda()
+    target = torch.zeros_like(video)
+    with torch.no_grad():
+        got = chopgrad.pixel_loss(vae, latents, target, mask=lambda frames: mask[:, :, frames] * 1.0, lean=False)
+    want = (video.clamp(-1, 1).square() * mask.cpu()).sum() / mask.cpu().sum()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)

@@ -102,6 +102,22 @@ class DecoderAdapter:
             return _with_index(p.device)
         return None
 
+    def compute_dtypes(self) -> Optional[set]:
+        """The floating dtypes the wrapped model's layers compute in (latents must have one), or None when unknown.
+
+        That is its parameters' dtypes, plus the compute dtype of diffusers' layerwise casting (whose weights
+        rest in a storage dtype such as fp8). A functional adapter's step may cast as it likes: None.
+        """
+        if self.model is None:
+            return None
+        dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
+        for module in self.model.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            hook = None if registry is None else registry.get_hook("layerwise_casting")
+            if hook is not None:
+                dtypes.add(hook.compute_dtype)
+        return dtypes or None
+
 
 def is_diffusers_instance(model, class_name: str) -> bool:
     """Whether `model` is an instance of diffusers' `class_name` (False where diffusers has no such class)."""
@@ -153,6 +169,20 @@ def _hooked_execution_device(model: torch.nn.Module):
         if device is not None:
             return device
     return None
+
+
+def refuse_diffusers_tiling(vae) -> None:
+    """Refuses a VAE whose diffusers tiling is on, for adapters that decode untiled.
+
+    With `enable_tiling()`, `vae.decode` blends overlapping tiles on large frames, so its frames near the seams
+    are not those of the step-by-step decode; returning the untiled frames instead would be silently wrong.
+    """
+    if getattr(vae, "use_tiling", False):
+        raise ValueError(
+            f"vae: {type(vae).__name__} has diffusers' spatial tiling on (vae.enable_tiling()), whose decode blends "
+            f"overlapping tiles; chopgrad decodes untiled, so its frames would differ from vae.decode near the "
+            f"seams. Call vae.disable_tiling() first; chopgrad's own tile= argument bounds the memory of backward "
+            f"and keeps the untiled frames")
 
 
 def check_latents(latents, *, channels: int, name: str = "latents") -> None:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance
+from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance, refuse_diffusers_tiling
 
 
 def _is_cogvideox(model) -> bool:
@@ -74,6 +74,7 @@ class CogVideoXAdapter(DecoderAdapter):
         return n
 
     def plan(self, latents: torch.Tensor) -> DecodePlan:
+        refuse_diffusers_tiling(self.model)
         check_latents(latents, channels=self.z_dim)
         b, _, t, h, w = latents.shape
         # Mirrors AutoencoderKLCogVideoX._decode's slicing.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance
+from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance, refuse_diffusers_tiling
 
 
 def _is_easyanimate(model) -> bool:
@@ -40,9 +40,9 @@ class EasyAnimateAdapter(DecoderAdapter):
     their first call); every later step emits `temporal_factor` (4) pixel frames
     per latent frame. The model's own decode does not clamp, so clamp_range is
     None. The adapter decodes as `vae.decode` does with diffusers' default
-    settings; diffusers' own spatial tiling (`enable_tiling`) and batch slicing
-    are not reproduced (chopgrad's `tile=` replaces the first, and slicing only
-    changes floating-point summation order).
+    settings. A VAE with diffusers' own spatial tiling on (`enable_tiling`) is
+    refused (chopgrad's `tile=` replaces it); batch slicing is not reproduced
+    (it only changes floating-point summation order).
     """
 
     fused_ops_unavailable = ("its resnet blocks normalise with GroupNorm (statistics over channel groups and "
@@ -79,6 +79,7 @@ class EasyAnimateAdapter(DecoderAdapter):
         return len(self._convs)
 
     def plan(self, latents: torch.Tensor) -> DecodePlan:
+        refuse_diffusers_tiling(self.model)
         check_latents(latents, channels=self.z_dim)
         chunk = self.model.num_latent_frames_batch_size
         if not isinstance(chunk, int) or chunk < 1:

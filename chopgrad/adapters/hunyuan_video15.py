@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import is_diffusers_instance
+from .base import is_diffusers_instance, refuse_diffusers_tiling
 from .causal_conv_chunker import CausalConv, CausalConvChunker, StepModule
 
 #: what `HunyuanVideo15CausalConv3d.pad_mode` puts before the first frame, as the chunker's first_pad
@@ -153,6 +153,7 @@ class HunyuanVideo15Adapter(CausalConvChunker):
         return self.model.decoder(z)
 
     def plan(self, latents: torch.Tensor):
+        refuse_diffusers_tiling(self.model)
         self._check_convs()
         return super().plan(latents)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import is_diffusers_instance
+from .base import is_diffusers_instance, refuse_diffusers_tiling
 from .causal_conv_chunker import CausalConv, CausalConvChunker
 
 
@@ -46,8 +46,8 @@ class MochiAdapter(CausalConvChunker):
     Equals `AutoencoderKLMochi.decode(z).sample` with its default settings (the
     whole clip in one call). The state is the last two input frames of each
     causal conv. Mochi's decode does not clamp, so clamp_range is None.
-    Decoded as the default untiled, whole-clip decode whatever the VAE's
-    `use_tiling` and `use_framewise_decoding` say (chopgrad tiles with `tile=`).
+    Decoded as the default untiled, whole-clip decode; a VAE with `use_tiling`
+    or framewise decoding on is refused (chopgrad tiles with `tile=`).
     """
 
     fused_ops_unavailable = ("its resnet blocks normalise with a per-frame GroupNorm (statistics over channel "
@@ -75,6 +75,7 @@ class MochiAdapter(CausalConvChunker):
         return self.temporal_factor - 1 if self.model.drop_last_temporal_frames else 0
 
     def plan(self, latents: torch.Tensor):
+        refuse_diffusers_tiling(self.model)
         self._check_convs()
         return super().plan(latents)
 

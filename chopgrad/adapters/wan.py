@@ -5,7 +5,7 @@ import torch
 
 from functools import partial
 
-from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance
+from .base import DecodePlan, DecoderAdapter, State, check_latents, is_diffusers_instance, refuse_diffusers_tiling
 from .tiling import LocalStage
 
 # diffusers marks an upsample slot whose first chunk had no temporal conv with
@@ -50,6 +50,7 @@ class WanAdapter(DecoderAdapter):
         self.out_channels = cfg.out_channels // (self.patch_size**2)
 
     def plan(self, latents: torch.Tensor) -> DecodePlan:
+        refuse_diffusers_tiling(self.model)
         check_latents(latents, channels=self.z_dim)
         b, _, t, h, w = latents.shape
         return DecodePlan(
