@@ -71,6 +71,20 @@ class LossTerm:
     def is_callable(self) -> bool:
         return self.fn is not None
 
+    def call(self, pred: torch.Tensor, target: torch.Tensor, need_grad: bool = True) -> torch.Tensor:
+        """The callable's value on (pred, target) as a 0-dim tensor; ValueError when it is not a scalar, or has no
+        graph while pred has one (it would then contribute no gradient, silently)."""
+        name = getattr(self.fn, "__name__", self.fn)
+        value = self.fn(pred, target)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError(f"loss: the callable {name!r} must return a scalar tensor, got {type(value).__name__} "
+                             f"of shape {getattr(value, 'shape', None)}")
+        if need_grad and pred.requires_grad and torch.is_grad_enabled() and not value.requires_grad:
+            raise ValueError(f"loss: the callable {name!r} returned a value with no graph (requires_grad=False) "
+                             f"while gradients are wanted, so it would contribute no gradient: compute it from pred "
+                             f"with differentiable torch ops (no .detach(), .item() or numpy round trip)")
+        return value.reshape(())
+
 
 def resolve_loss(loss: LossSpec) -> list[LossTerm]:
     """Turns `loss` (a name, a callable, or a {name_or_callable: weight} dict of finite weights) into terms."""

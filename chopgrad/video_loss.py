@@ -30,7 +30,7 @@ class VideoLoss:
         self.adapter, self.plan, self.terms = adapter, plan, terms
         self.target, self.mask = target, mask
         self.reduction, self.clamp = reduction, clamp
-        if any(t.is_ssim for t in terms):
+        if any(t.is_ssim and t.weight != 0 for t in terms):
             if mask is not None:
                 raise ValueError("mask is not supported with the 'ssim' loss (SSIM windows straddle masked pixels)")
             try:
@@ -142,14 +142,6 @@ class VideoLoss:
             pred = torch.where(mask != 0, pred, target.to(pred.dtype))
         share = self.plan.frames_per_step[step] / self.supervised_frames if self.reduction == "mean" else 1.0
         for term in self.callables:
-            value = term.fn(pred, target)
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                raise ValueError(f"loss: the callable {getattr(term.fn, '__name__', term.fn)!r} must return a scalar "
-                                 f"tensor, got {type(value).__name__} of shape {getattr(value, 'shape', None)}")
-            if need_grad and pred.requires_grad and not value.requires_grad:
-                raise ValueError(f"loss: the callable {getattr(term.fn, '__name__', term.fn)!r} returned a value with "
-                                 f"no graph (requires_grad=False) while gradients are wanted, so it would contribute "
-                                 f"no gradient: compute it from pred with differentiable torch ops (no .detach(), "
-                                 f".item() or numpy round trip)")
-            total = total + term.weight * share * value.reshape(()).to(torch.promote_types(value.dtype, torch.float32))
+            value = term.call(pred, target, need_grad)
+            total = total + term.weight * share * value.to(torch.promote_types(value.dtype, torch.float32))
         return total

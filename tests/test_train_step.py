@@ -27,9 +27,35 @@ def test_pixel_frames_of_latent_frames():
 def test_mask_at_latent_resolution_is_the_hole_fraction():
     mask = torch.zeros(1, 1, 9, 32, 32)
     mask[:, :, 5:9, :16, :16] = 1  # the hole covers latent frame 2, top-left quarter
-    pooled = mask_at_latent_resolution(mask, (1, 4, 3, 4, 4))
+    pooled = mask_at_latent_resolution(mask, (1, 4, 3, 4, 4), temporal_factor=4)
     assert pooled.shape == (1, 1, 3, 4, 4)
     assert torch.equal(pooled[0, 0, 2, :2, :2], torch.ones(2, 2)) and float(pooled.sum()) == 4.0
+
+
+@pytest.mark.parametrize("frames", [8, 16])
+def test_mask_at_latent_resolution_of_clips_that_start_with_a_whole_group(frames):
+    """CogVideoX encodes 4k frames as k groups of 4 from frame 0 (no frame alone)."""
+    mask = torch.zeros(1, 1, frames, 8, 8)
+    mask[:, :, -4:] = 1  # the last latent frame's pixels
+    pooled = mask_at_latent_resolution(mask, (1, 4, frames // 4, 1, 1), temporal_factor=4)
+    assert pooled.flatten().tolist() == [0.0] * (frames // 4 - 1) + [1.0]
+    with pytest.raises(ValueError, match="does not map onto"):
+        mask_at_latent_resolution(mask[:, :, 1:], (1, 4, frames // 4, 1, 1), temporal_factor=4)
+
+
+def test_the_inpaint_mask_channel_of_a_cogvideox_clip_of_8_frames():
+    from tiny_models import tiny_cogvideox
+
+    vae = tiny_cogvideox().requires_grad_(False)
+    task = get_task("inpaint")
+    batch = Batch.of([task.pair(torch.rand(3, 8, 16, 16) * 2 - 1, seed=0)])
+    batch.extra.zero_()
+    batch.extra[:, :, 4:] = 1  # a hole over the last 4 frames: the second latent frame only
+    inputs, target_latents = model_inputs(task, vae, batch)
+    assert target_latents.shape[2] == 2
+    hole_channel = inputs[:, -1]
+    assert torch.equal(hole_channel[:, 0], torch.zeros_like(hole_channel[:, 0]))
+    assert torch.equal(hole_channel[:, 1], torch.ones_like(hole_channel[:, 1]))
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -221,7 +221,7 @@ def test_a_transformer_whose_channels_do_not_fit_the_vae_fails_before_training(t
 
 def test_a_size_the_patches_do_not_tile_fails_before_training(base, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Run, "step", lambda self, batch: pytest.fail("a step ran"))
-    _fails(tmp_path, capsys, ["--task", "vsr", "--transformer", base, "--size", "8"],
+    _fails(tmp_path, capsys, ["--task", "vsr", "--transformer", base, "--size", "24"],
            "--size: the transformer's patch size (1, 2, 2) needs latent sides that are multiples of 2")
 
 
@@ -232,6 +232,8 @@ def test_bad_prompt_embeds_and_lora_targets_fail(base, tmp_path, capsys, monkeyp
     monkeypatch.setattr(Run, "step", lambda self, batch: pytest.fail("a step ran"))
     _fails(tmp_path, capsys, ["--task", "vsr", "--transformer", base, "--lora-targets", "to_qq"],
            "--lora-targets: no module of the transformer is named 'to_qq'")
+    _fails(tmp_path, capsys, ["--task", "vsr", "--transformer", base, "--lora-targets", "to_q", "attn1"],
+           "--lora-targets: LoRA adapts Linear, Conv and Embedding layers, and 'attn1' (WanAttention) is not one")
 
 
 def test_missing_peft_is_one_error_line(base, tmp_path, capsys, monkeypatch):

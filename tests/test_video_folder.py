@@ -443,3 +443,22 @@ def test_a_forked_worker_can_free_the_containers_it_inherits(tmp_path):
     os.kill(child, signal.SIGKILL)
     os.waitpid(child, 0)
     pytest.fail("the forked child hung while freeing the containers it inherited")
+
+
+def test_symbolic_links_under_root_are_followed_and_a_broken_one_is_listed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "more").mkdir(parents=True)
+    encode_indexed_video(elsewhere / "a.mp4", 8, 16, 16)
+    encode_indexed_video(elsewhere / "more" / "b.mp4", 8, 16, 16)
+    root = tmp_path / "root"
+    root.mkdir()
+    encode_indexed_video(root / "own.mp4", 8, 16, 16)
+    (root / "linked_file.mp4").symlink_to(elsewhere / "a.mp4")
+    (root / "linked_folder").symlink_to(elsewhere / "more")
+    (root / "broken.mp4").symlink_to(tmp_path / "gone.mp4")
+    (root / "loop").symlink_to(root)  # a link to an ancestor is read once
+    with pytest.warns(UserWarning, match=r"skipped 1 of 4 video files(.|\n)*broken\.mp4: cannot be read"):
+        folder = VideoFolder(root, 4, 16, 16)
+    assert sorted(Path(info.path).name for info in folder.files) == ["b.mp4", "linked_file.mp4", "own.mp4"]
+    held_out = [info.path for info in folder.files if Path(info.path).name == "linked_file.mp4"]
+    assert len(VideoFolder(root, 4, 16, 16, files=held_out)) == 2

@@ -101,3 +101,26 @@ def detached_critic():
 
 def float_critic():
     return lambda video: video.abs().mean().item()
+
+
+def image_loss_without_graph():
+    """An image loss computed through numpy: its value carries no gradient."""
+    return lambda pred, target: torch.tensor(float((pred - target).abs().mean().detach().numpy()))
+
+
+def image_loss_needing_weights(weights_path):
+    raise AssertionError("not reached: called without arguments")
+
+
+def image_loss_that_raises():
+    raise RuntimeError("the weights of this loss are missing")
+
+
+def too_many_channels(in_channels: int, out_channels: int) -> nn.Module:
+    """Returns one latent channel more than the VAE's."""
+    return PointwiseGenerator(in_channels, out_channels + 1)
+
+
+def nan_critic():
+    """A video loss that is NaN from the start."""
+    return lambda video: video.mean() * float("nan")

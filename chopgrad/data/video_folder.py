@@ -164,7 +164,18 @@ def _probe(path: str) -> VideoFileInfo:
 
 
 def _find_video_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    """Video files under `folder`, following symbolic links to files and folders (each folder read once, so a
+    link to an ancestor ends); a broken link is kept, so that indexing lists it among the skipped files."""
+    found, seen = [], set()
+    for directory, subdirectories, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(directory))
+        subdirectories[:] = sorted(d for d in subdirectories
+                                   if os.path.realpath(os.path.join(directory, d)) not in seen)
+        for name in names:
+            path = Path(directory, name)
+            if path.suffix.lower() in VIDEO_EXTENSIONS and (path.is_file() or path.is_symlink()):
+                found.append(path)
+    return sorted(found)
 
 
 def _check_files(root: Path, files) -> list[Path]:
@@ -173,11 +184,12 @@ def _check_files(root: Path, files) -> list[Path]:
     paths = [Path(f) for f in files]
     if not paths:
         raise ValueError("files must name at least one video file (or be None for every file under root)")
-    resolved_root = root.resolve()
+    # inside root as written: a file reached through a symbolic link under root may lie elsewhere on disk
+    absolute_root = Path(os.path.abspath(root))
     for path in paths:
         if not path.is_file():
             raise ValueError(f"files: {str(path)!r} is not a file")
-        if resolved_root not in path.resolve().parents:
+        if absolute_root not in Path(os.path.abspath(path)).parents:
             raise ValueError(f"files: {str(path)!r} is not inside root {str(root)!r}")
     return sorted(paths)
 

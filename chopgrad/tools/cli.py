@@ -470,21 +470,30 @@ def cmd_train(args) -> int:
     _check_out(config.out, COMPARE_FILES if args.compare else TRAIN_FILES)
     video_critic = check_before_work(config, fail, overwrite=args.overwrite)
     _check_shapes(_load_model(config.model), [config.frames], [*config.size], size_option="--size")
-    if args.overwrite:
-        remove_outputs(config.out)
     # SIGTERM (a job limit, `kill`) stops the run as Ctrl-C does, with the same message
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.compare:
-            from chopgrad.tools.train.compare import compare, format_table
+            from chopgrad.tools.train.compare import compare, format_table, preflight
 
+            try:
+                preflight(config)
+            except (ValueError, FileNotFoundError) as exc:
+                fail(str(exc))
+            if args.overwrite:
+                remove_outputs(config.out)
             t0 = time.monotonic()
             comparison = compare(config, log=lambda message: print(message, file=sys.stderr, flush=True))
             print(format_table(comparison))
             print(f"\n{len(comparison['rows'])} runs in {time.monotonic() - t0:.0f} s; wrote {config.out}/compare.md, "
                   f"compare.json, compare.png")
-            return 0
-        return run_train(config, fail, video_critic)
+            failed = [row for row in comparison["rows"] if row["status"] != "ok"]
+            for row in failed:
+                reason = (row.get("error") or "").strip().splitlines()
+                print(f"error: the '{row['label']}' run {row['status']}"
+                      f"{': ' + reason[-1] if reason else ''} ({config.out}/{row['method']}/)", file=sys.stderr)
+            return 1 if failed else 0
+        return run_train(config, fail, video_critic, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"\n{'interrupted' if args.compare else interrupted_message(config)}", file=sys.stderr)
         return 130

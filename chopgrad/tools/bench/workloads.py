@@ -212,6 +212,13 @@ def _temporal_factor(vae) -> int:
     return decoded_frames(vae, 2) - decoded_frames(vae, 1)
 
 
+def temporal_factor(vae) -> int:
+    """Pixel frames each latent frame stands for (after the first, which is alone in a causal layout)."""
+    if _is_cogvideox(vae):
+        return vae.config.temporal_compression_ratio
+    return _temporal_factor(vae)
+
+
 def _latent_frames(vae, frames: int) -> int:
     """Latent frames the model's encoder turns `frames` pixel frames into (rounding down an invalid count)."""
     if _is_cogvideox(vae):

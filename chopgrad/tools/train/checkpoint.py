@@ -133,6 +133,12 @@ def _read_trainer(folder: str) -> dict:
     return trainer
 
 
+def checkpoint_settings(folder: str) -> dict:
+    """The run settings the trainer stored with the checkpoint in `folder` (``extra["config"]``), read without
+    loading any tensor; ValueError or KeyError when it records none."""
+    return _read_trainer(folder)["extra"]["config"]
+
+
 def load_checkpoint(folder: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Optional[Any] = None, trainable_only: bool = False) -> dict:
     """Restores model, optimizer, scheduler and random state in place; returns ``{"step": ..., "extra": ...}``.

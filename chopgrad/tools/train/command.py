@@ -10,7 +10,7 @@ import sys
 from chopgrad.data.tasks import TASKS
 
 from ..bench.workloads import FRAME_RULES
-from .checkpoint import CHECKPOINT_FOLDER, PARTIAL_SUFFIX, PREVIOUS_SUFFIX, committed_checkpoint
+from .checkpoint import CHECKPOINT_FOLDER, PARTIAL_SUFFIX, PREVIOUS_SUFFIX, checkpoint_settings, committed_checkpoint
 from .compare import COMPARED_METHODS
 from .config import MAX_SEED, QUICK, SCHEDULES, TrainConfig, video_loss_weight_problem
 from .step import METHODS
@@ -236,6 +236,8 @@ def config_from_args(args) -> TrainConfig:
         value = getattr(args, name, None)
         if value is None and args.quick and name in QUICK:
             value = QUICK[name]
+        if value is not None and name in ("data", "transformer", "prompt_embeds"):
+            value = os.path.abspath(value)  # the run records where they are, whatever folder it resumes from
         if value is not None:
             values[name] = value
     if args.size is not None:
@@ -244,6 +246,9 @@ def config_from_args(args) -> TrainConfig:
         values["size"] = tuple(args.size) * (2 // len(args.size))
     elif args.quick:
         values["size"] = QUICK["size"]
+    unused = _options_this_run_ignores(args)
+    if unused:
+        raise ValueError(unused)
     if args.video_loss_weight is not None and args.video_loss is None:
         raise ValueError(f"--video-loss-weight {args.video_loss_weight:g} is given without --video-loss: it weights "
                          f"the --video-loss term; give --video-loss module:function too, or drop the weight")
@@ -267,6 +272,31 @@ def config_from_args(args) -> TrainConfig:
                        progress=not args.no_progress, **values)
 
 
+def _options_this_run_ignores(args) -> str:
+    """Why an option given on the command line would have no effect on this run ("" when each has one)."""
+    method = args.method or "chopgrad"
+    ignored = []
+    if method != "chopgrad":
+        given = [option for option, value in (("--d-trunc", hasattr(args, "d_trunc")),
+                                              ("--schedule", args.schedule is not None)) if value]
+        if given:
+            ignored.append(f"{' and '.join(given)} choose how chopgrad truncates, and --method {method} does not "
+                           f"use chopgrad")
+    if args.hole_weight is not None and args.task != "inpaint":
+        ignored.append(f"--hole-weight weights the inpaint task's hole pixels, and task {args.task!r} has none")
+    if args.decoder_lr is not None and not args.train_decoder:
+        ignored.append("--decoder-lr is the learning rate of --train-decoder, which is not given")
+    if args.perceptual_weight is not None and args.perceptual is None:
+        ignored.append("--perceptual-weight weights the --perceptual term, which is not given")
+    model = "--transformer" if args.transformer is not None else "--generator" if args.generator is not None else None
+    given = [option for option, value in (("--width", args.width), ("--blocks", args.blocks)) if value is not None]
+    if model and given:
+        ignored.append(f"{' and '.join(given)} size the built-in model, and {model} names another")
+    if not ignored:
+        return ""
+    return "; ".join(ignored) + ": drop what this run does not use"
+
+
 def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False):
     """The checks that need no model: the output folder, the data folder, the factories.
 
@@ -275,12 +305,25 @@ def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False):
     """
     from .model import resolve_factory
     from .step import make_video_critic
+    from .trainer import perceptual_term
 
     checkpoint = os.path.join(config.out, CHECKPOINT_FOLDER)
     if config.resume and overwrite:
         fail("--resume continues the run in --out and --overwrite removes it; give one of them")
-    if config.resume and committed_checkpoint(checkpoint) is None:
-        fail(f"--resume: no checkpoint in {checkpoint!r}")
+    if config.resume:
+        committed = committed_checkpoint(checkpoint)
+        if committed is None:
+            fail(f"--resume: no checkpoint in {checkpoint!r}")
+        # before anything loads: other settings may not even fit the saved weights
+        try:
+            refusal = config.resume_refusal(TrainConfig.from_dict(checkpoint_settings(committed)), checkpoint)
+        except (ValueError, TypeError, KeyError) as exc:
+            refusal = f"--resume: the checkpoint in {checkpoint!r} does not record its settings ({exc})"
+        if refusal:
+            fail(refusal)
+    if config.data is not None and _is_inside(config.out, config.data):
+        fail(f"--out: {config.out!r} is inside --data {config.data!r}: the videos a run writes (samples/) would "
+             f"become training clips of later runs; give an --out outside the data folder")
     if not config.resume and os.path.isdir(config.out):
         present = sorted(os.listdir(config.out))
         foreign = [name for name in present if name not in OUTPUTS]
@@ -294,12 +337,13 @@ def check_before_work(config: TrainConfig, fail, *, overwrite: bool = False):
         fail(f"--data: {config.data!r} is not a folder")
     if config.data is not None:
         _check_data_folder(config, fail)
-    for option, spec in (("--generator", config.generator), ("--perceptual", config.perceptual)):
-        if spec is not None:
-            try:
-                resolve_factory(spec, option)
-            except ValueError as exc:
-                fail(str(exc))
+    try:
+        if config.generator is not None:
+            resolve_factory(config.generator, "--generator")
+        if config.perceptual is not None:
+            perceptual_term(config.perceptual, "cpu")  # built once here, so its errors come before any work
+    except ValueError as exc:
+        fail(str(exc))
     if config.transformer is not None:
         _check_transformer(config, fail)
     if config.video_loss is None:
@@ -333,6 +377,11 @@ def _check_data_folder(config: TrainConfig, fail) -> None:
             VideoFolder(config.data, config.frames, *config.size, stride=config.frame_stride).close()
     except (ValueError, RuntimeError) as exc:
         fail(f"--data {config.data!r}: {exc}")
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _listing(names: list, shown: int = 5) -> str:
@@ -371,8 +420,12 @@ def interrupted_message(config: TrainConfig) -> str:
     return f"interrupted; the last checkpoint is in {checkpoint}: continue with the same options and --resume"
 
 
-def run_train(config: TrainConfig, fail, video_critic=None) -> int:
-    """Trains `config`; `video_critic`: the one check_before_work built (None: the run builds its own)."""
+def run_train(config: TrainConfig, fail, video_critic=None, *, overwrite: bool = False) -> int:
+    """Trains `config`; `video_critic`: the one check_before_work built (None: the run builds its own).
+
+    With `overwrite`, the earlier outputs in --out are removed once the run is built (model, data, factories),
+    so a run refused while it is being built leaves them as they were.
+    """
     from chopgrad.data.video_folder import VideoDecodeError
 
     from .trainer import Run
@@ -380,6 +433,8 @@ def run_train(config: TrainConfig, fail, video_critic=None) -> int:
     try:
         run = Run(config, log=lambda message: None if config.progress else print(message, file=sys.stderr),
                   video_critic=video_critic)
+        if overwrite and run.ranks.is_main:
+            remove_outputs(config.out)
         record = run.train()
     except VideoDecodeError as exc:  # a file under --data damaged where indexing could not see it
         fail(f"--data {config.data!r}: {exc.summary()}")

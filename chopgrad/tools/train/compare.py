@@ -24,6 +24,8 @@ COMPARED_METHODS = (
     ("chunked_d1", "chopgrad chunked d=1", {"method": "chopgrad", "schedule": "chunked", "d_trunc": 1}),
 )
 REFERENCE = "full"
+#: the compared method whose run uses every setting: its run is built once before the first run starts
+PREFLIGHT_METHOD = "sliding_d1"
 
 
 def method_configs(config: TrainConfig) -> list[tuple[str, str, TrainConfig]]:
@@ -43,6 +45,21 @@ def method_configs(config: TrainConfig) -> list[tuple[str, str, TrainConfig]]:
         except ValueError as exc:
             raise ValueError(f"--compare: the '{label}' run cannot be made: {exc}") from None
     return runs
+
+
+def preflight(config: TrainConfig) -> None:
+    """Builds the run of the method that uses every setting (data, model, factories, critic), then frees it.
+
+    A setting no run can train with is then one ValueError before the first run, not five failed runs.
+    """
+    import gc
+
+    from .trainer import Run
+
+    settings = next(run_settings for name, _, run_settings in method_configs(config) if name == PREFLIGHT_METHOD)
+    run = Run(settings)
+    del run
+    gc.collect()
 
 
 def run_in_process(config: TrainConfig, timeout_s: float | None = None) -> dict:

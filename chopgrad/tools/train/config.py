@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Union
 
@@ -20,6 +21,9 @@ QUICK = {"steps": 30, "frames": 9, "size": (32, 32), "eval_every": 10, "eval_cli
 
 #: settings that may differ between a run and its resumption: where it writes and how it shows progress
 RESUMABLE_DIFFERENCES = ("resume", "progress", "workers", "threads", "out")
+
+#: the smallest frame side: the held-out evaluation's SSIM window
+MIN_SIDE = 11
 
 #: the largest --seed: clip seeds derived from it (see data.clip_seed) stay within torch's 64-bit seeds
 MAX_SEED = 2**32 - 1
@@ -131,6 +135,9 @@ class TrainConfig:
             raise ValueError(f"size must be (height, width), got {self.size!r}")
         for value in self.size:
             _check_int("size", value, 1)
+            if value < MIN_SIDE:
+                raise ValueError(f"size: the held-out evaluation scores SSIM with an {MIN_SIDE}x{MIN_SIDE} window, so "
+                                 f"each side must be at least {MIN_SIDE}, got {self.size}")
         for name in ("lr", "decoder_lr"):
             _check_number(name, getattr(self, name), strict=True)
         for name in ("weight_decay", "grad_clip", "latent_weight", "pixel_weight", "perceptual_weight"):
@@ -149,8 +156,8 @@ class TrainConfig:
                              "only, and this run has neither (method 'latent', pixel_weight 0, or every pixel_loss "
                              "and perceptual weight 0, and no --video-loss); use --method chopgrad or full with a "
                              "pixel loss or --video-loss, or drop --train-decoder")
-        if (self.task == "inpaint" and self.hole_weight != 1 and "ssim" in pixel_terms and self.method != "latent"
-                and self.pixel_weight > 0):
+        if (self.task == "inpaint" and self.hole_weight != 1 and pixel_terms.get("ssim", 0) > 0
+                and self.method != "latent" and self.pixel_weight > 0):
             elementwise = ", ".join(ELEMENTWISE_LOSSES)
             raise ValueError(f"--pixel-loss ssim: the inpaint task weights hole pixels --hole-weight "
                              f"{self.hole_weight:g} times more through a loss mask, and the ssim loss takes no mask "
@@ -214,7 +221,26 @@ class TrainConfig:
 
     def differences(self, other: "TrainConfig", ignore=RESUMABLE_DIFFERENCES) -> list[str]:
         mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in ignore and mine[k] != theirs[k]]
+        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in ignore and mine[k] != theirs[k]
+                and not (k in PATH_SETTINGS and _same_path(mine[k], theirs[k]))]
+
+    def resume_refusal(self, saved: "TrainConfig", checkpoint: str) -> Optional[str]:
+        """Why a run with these settings cannot continue the checkpoint made with `saved`, or None."""
+        changed = self.differences(saved)
+        if not changed:
+            return None
+        return (f"--resume: the checkpoint in {checkpoint!r} was made with other settings ({'; '.join(changed)}); "
+                f"resume with the same settings or use another --out")
+
+
+#: settings that name files or folders: the same place written another way (relative, absolute) is no change
+PATH_SETTINGS = ("data", "model", "transformer", "prompt_embeds")
+
+
+def _same_path(a, b) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)):
+        return False
+    return os.path.samefile(a, b)
 
 
 #: the settings of the --transformer restorer, which need it

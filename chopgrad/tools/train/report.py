@@ -14,7 +14,7 @@ from chopgrad.data.tasks import Task
 from chopgrad.data.video_io import save_comparison_grid, write_video
 
 from ..metrics import psnr, ssim, temporal_error
-from .step import Batch, encode, model_inputs
+from .step import Batch, encode, predicted_latents
 
 METRICS = ("psnr", "ssim", "temporal_error")
 
@@ -35,7 +35,8 @@ def _mean(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, vae, task: Task, batches: list[Batch], autocast=nullcontext) -> tuple[dict, list[HeldOutClip]]:
+def evaluate(model, vae, task: Task, batches: list[Batch], autocast=nullcontext,
+             model_name: str = "the model") -> tuple[dict, list[HeldOutClip]]:
     """Mean PSNR, SSIM and temporal error of the model's decoded outputs over the held-out batches."""
     was_training = model.training
     model.eval()
@@ -43,8 +44,7 @@ def evaluate(model, vae, task: Task, batches: list[Batch], autocast=nullcontext)
     try:
         for batch in batches:
             with autocast():
-                inputs, _ = model_inputs(task, vae, batch)
-                latents = model(inputs)
+                latents, _ = predicted_latents(model, task, vae, batch, model_name)
                 video = decode(vae, latents)
             output, target = video.float().cpu(), batch.target.float().cpu()
             for j in range(output.shape[0]):

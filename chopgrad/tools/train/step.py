@@ -30,6 +30,7 @@ from chopgrad.data.tasks import Task, TaskPair
 from chopgrad.kernels import fused_ssim
 from chopgrad.losses import ELEMENTWISE_LOSSES, LossSpec, resolve_loss
 
+from ..bench.workloads import temporal_factor
 from .model import resolve_factory
 
 METHODS = ("chopgrad", "full", "latent")
@@ -47,12 +48,21 @@ def pixel_frames_of_latent_frames(latent_frames: int, temporal_factor: int) -> l
                             for j in range(1, latent_frames)]
 
 
-def mask_at_latent_resolution(mask: torch.Tensor, latent_shape: tuple) -> torch.Tensor:
-    """(B, 1, F, H, W) pixel mask -> (B, 1, T, h, w): the hole fraction of the pixels each latent stands for."""
+def mask_at_latent_resolution(mask: torch.Tensor, latent_shape: tuple, temporal_factor: int) -> torch.Tensor:
+    """(B, 1, F, H, W) pixel mask -> (B, 1, T, h, w): the hole fraction of the pixels each latent stands for.
+
+    `temporal_factor` pixel frames make one latent frame: frame 0 alone first when F = 1 + factor (T - 1) (the
+    causal layout), groups from frame 0 when F = factor T (CogVideoX's encoder on such clips).
+    """
     b, _, t, h, w = latent_shape
     frames = mask.shape[2]
-    temporal_factor = (frames - 1) // max(t - 1, 1) if t > 1 else 1
-    groups = [mask[:, :, s].mean(dim=2) for s in pixel_frames_of_latent_frames(t, temporal_factor)]
+    if frames == temporal_factor * t:
+        slices = [slice(temporal_factor * j, temporal_factor * (j + 1)) for j in range(t)]
+    elif frames == 1 + temporal_factor * (t - 1):
+        slices = pixel_frames_of_latent_frames(t, temporal_factor)
+    else:
+        raise ValueError(f"a mask of {frames} frames does not map onto {t} latent frames of {temporal_factor} frames")
+    groups = [mask[:, :, s].mean(dim=2) for s in slices]
     per_latent_frame = torch.stack(groups, dim=2)  # (B, 1, T, H, W)
     return F.adaptive_avg_pool3d(per_latent_frame, (t, h, w))
 
@@ -80,7 +90,8 @@ def model_inputs(task: Task, vae, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     condition = encode(vae, batch.condition)
     target_latents = encode(vae, batch.target)
     if task.extra == "mask":
-        inputs = torch.cat([condition, mask_at_latent_resolution(batch.extra, condition.shape)], dim=1)
+        inputs = torch.cat([condition, mask_at_latent_resolution(batch.extra, condition.shape, temporal_factor(vae))],
+                           dim=1)
     elif task.extra == "first_frame":
         first = encode(vae, batch.extra).expand(-1, -1, condition.shape[2], -1, -1)
         inputs = torch.cat([condition, first], dim=1)
@@ -138,8 +149,9 @@ def make_video_critic(spec: str, seed: int = 0) -> VideoCritic:
         torch.default_generator.manual_seed(seed)
         try:
             fn = factory()
-        except TypeError as exc:
-            raise ValueError(f"--video-loss {spec}: calling it as function() failed: {exc}") from None
+        except Exception as exc:  # the user's code: one line naming the option, not a traceback
+            raise ValueError(f"--video-loss {spec}: calling it as function() failed: {type(exc).__name__}: "
+                             f"{exc}") from None
     if not callable(fn):
         raise ValueError(f"--video-loss {spec}: function() must return a callable on (B, 3, F, H, W) clips, got "
                          f"{type(fn).__name__}")
@@ -165,6 +177,8 @@ class LossSettings:
     method: str = "chopgrad"
     video_loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     video_weight: float = 1.0
+    #: what the trained model is, for errors about what it returns
+    model_name: str = "the model"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -230,14 +244,23 @@ def pixel_loss_of_video(video: torch.Tensor, target: torch.Tensor, loss: LossSpe
     if callables:
         seen = pred if mask is None else torch.where(mask.to(pred.device) != 0, pred, target)
         for term in callables:
-            total = total + term.weight * term.fn(seen, target).reshape(()).float()
+            total = total + term.weight * term.call(seen, target).float()
     return total
+
+
+def predicted_latents(model, task: Task, vae, batch: Batch, model_name: str = "the model"):
+    """(the model's latents, the target latents) of a batch; ValueError naming the model if their shapes differ."""
+    inputs, target_latents = model_inputs(task, vae, batch)
+    latents = model(inputs)
+    if not isinstance(latents, torch.Tensor) or latents.shape != target_latents.shape:
+        raise ValueError(f"{model_name} returns latents of shape {tuple(getattr(latents, 'shape', ()))}, but the "
+                         f"VAE's latents of this task's clips have shape {tuple(target_latents.shape)}")
+    return latents, target_latents
 
 
 def training_loss(model, vae, task: Task, batch: Batch, settings: LossSettings) -> tuple[torch.Tensor, dict]:
     """The step's loss (with its graph) and its parts as floats (each term unweighted)."""
-    inputs, target_latents = model_inputs(task, vae, batch)
-    latents = model(inputs)
+    latents, target_latents = predicted_latents(model, task, vae, batch, settings.model_name)
     latent_term = F.mse_loss(latents.float(), target_latents.float())
     total = settings.latent_weight * latent_term
     parts = {"latent_mse": float(latent_term.detach())}

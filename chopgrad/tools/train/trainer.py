@@ -87,7 +87,11 @@ def build_model(config: TrainConfig, z_dim: int, extra: int, vae=None) -> nn.Mod
 
 def perceptual_term(spec: str, device) -> Callable:
     """`spec`'s factory (no arguments) -> an image loss (N, 3, H, W) x 2 -> scalar, frozen, per frame."""
-    fn = resolve_factory(spec, "--perceptual")()
+    factory = resolve_factory(spec, "--perceptual")
+    try:
+        fn = factory()
+    except Exception as exc:  # the user's code: one line naming the option, not a traceback
+        raise ValueError(f"--perceptual {spec}: calling it as function() failed: {type(exc).__name__}: {exc}") from None
     if isinstance(fn, nn.Module):
         fn = fn.to(device).eval().requires_grad_(False)
     if not callable(fn):
@@ -100,6 +104,14 @@ def pixel_loss_spec(config: TrainConfig, device):
     if config.perceptual:
         spec[perceptual_term(config.perceptual, device)] = config.perceptual_weight
     return spec
+
+
+def model_name(config: TrainConfig) -> str:
+    if config.transformer is not None:
+        return f"the restorer of --transformer {config.transformer}"
+    if config.generator is not None:
+        return f"the model of --generator {config.generator}"
+    return "the built-in model"
 
 
 def decoder_modules(vae) -> dict[str, nn.Module]:
@@ -185,7 +197,7 @@ class Run:
         self.losses = LossSettings(latent_weight=config.latent_weight, pixel_loss=pixel_loss_spec(config, self.device),
                                    pixel_weight=config.pixel_weight, d_trunc=config.d_trunc,
                                    schedule=config.schedule, method=config.method, video_loss=self.video_critic,
-                                   video_weight=config.video_loss_weight)
+                                   video_weight=config.video_loss_weight, model_name=model_name(config))
         self.eval_batches = [self._on_device(Batch.of([self.eval_pairs[j]])) for j in range(len(self.eval_pairs))]
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
                          if config.dtype == "bf16" else nullcontext)
@@ -212,11 +224,9 @@ class Run:
             raise ValueError(f"--resume: no checkpoint in {self.checkpoint_folder!r}")
         state = load_checkpoint(self.checkpoint_folder, model=self.saved, optimizer=self.optimizer,
                                 scheduler=self.scheduler, trainable_only=self.checkpoint_trainable_only)
-        saved_config = TrainConfig.from_dict(state["extra"]["config"])
-        changed = self.config.differences(saved_config)
-        if changed:
-            raise ValueError(f"--resume: the checkpoint in {self.checkpoint_folder!r} was made with other settings "
-                             f"({'; '.join(changed)}); resume with the same settings or use another --out")
+        refusal = self.config.resume_refusal(TrainConfig.from_dict(state["extra"]["config"]), self.checkpoint_folder)
+        if refusal:
+            raise ValueError(refusal)
         self.start = state["step"]
         self.record["steps"] = state["extra"]["steps"]
         self.record["evals"] = state["extra"]["evals"]
@@ -240,8 +250,7 @@ class Run:
             with self.autocast():
                 loss, parts = training_loss(self.model, self.vae, self.task, batch, self.losses)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the training loss is {float(loss)} at step {self.scheduler.last_epoch}; "
-                                         f"lower --lr or use --dtype fp32")
+                raise FloatingPointError(self._non_finite_loss_message(loss, parts))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.ranks.average_gradients(self.trainable)
@@ -260,8 +269,21 @@ class Run:
             row[name] = self.ranks.mean(value, self.device)
         return row
 
+    def _non_finite_loss_message(self, loss: torch.Tensor, parts: dict) -> str:
+        step = self.scheduler.last_epoch + 1  # steps count from 1, as in the log
+        bad = [name for name, value in parts.items() if not math.isfinite(value)]
+        message = f"the training loss is {loss.detach().item()} at step {step}"
+        if bad:
+            message += f" (not finite: {', '.join(bad)})"
+        if self.scheduler.last_epoch == self.start:
+            return (message + "; the weights are as loaded or initialised, so it comes from the data or a loss term "
+                    "(--perceptual, --video-loss), not from the learning rate")
+        advice = ["lower --lr", "raise --warmup"] + (["use --dtype fp32"] if self.config.dtype == "bf16" else [])
+        return message + "; " + ", ".join(advice[:-1]) + " or " + advice[-1]
+
     def evaluate(self, step: int):
-        metrics, clips = evaluate(self.model, self.vae, self.task, self.eval_batches, self.autocast)
+        metrics, clips = evaluate(self.model, self.vae, self.task, self.eval_batches, self.autocast,
+                                  self.losses.model_name)
         self.record["evals"].append({"step": step, **metrics})
         return metrics, clips
 
@@ -303,7 +325,8 @@ class Run:
             self.record["summary"].update(self._summary(time.perf_counter() - began))
             if self.ranks.is_main:
                 if not clips:  # resumed after the last evaluation: the samples still show the final model
-                    _, clips = evaluate(self.model, self.vae, self.task, self.eval_batches, self.autocast)
+                    _, clips = evaluate(self.model, self.vae, self.task, self.eval_batches, self.autocast,
+                                        self.losses.model_name)
                 self._write_outputs(clips)
             self.ranks.barrier()
             return self.record

@@ -209,11 +209,19 @@ def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: Sequen
     import_peft()
     from peft import LoraConfig
 
-    names = [name for name, _ in transformer.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    modules = dict(transformer.named_modules())
+    matched = {t: [m for n, m in modules.items() if n == t or n.endswith("." + t)] for t in targets}
+    missing = [t for t, found in matched.items() if not found]
     if missing:
         raise ValueError(f"--lora-targets: no module of the transformer is named {', '.join(map(repr, missing))}; "
                          f"the defaults are {' '.join(DEFAULT_LORA_TARGETS)}")
+    # peft adapts layers (Linear, Conv, Embedding), not the blocks that hold them; its own error prints the block
+    not_layers = [f"{t!r} ({type(found[0]).__name__})" for t, found in matched.items()
+                  if not all(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) for m in found)]
+    if not_layers:
+        raise ValueError(f"--lora-targets: LoRA adapts Linear, Conv and Embedding layers, and "
+                         f"{', '.join(not_layers)} is not one; name the layers inside it (e.g. to_q to_k to_v "
+                         f"to_out.0 of an attention block)")
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                        init_lora_weights=True))
