@@ -2,8 +2,10 @@
 and how they reject invalid arguments."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -485,3 +487,231 @@ def test_probe_interrupted_is_one_line_and_exit_code_130(monkeypatch, tmp_path, 
     assert main(["probe", "--model", "tiny-wan21", "--frames", "5", "--size", "16", "--out", str(tmp_path)]) == 130
     captured = capsys.readouterr()
     assert captured.err.strip() == "interrupted" and "Traceback" not in captured.out
+
+
+# ----------------------------------------------------------------------------- probe: what it can measure
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "17", "--size", "32", "--max-distance", "0"],
+     "error: --max-distance 0: no distance to measure, nothing to fit"),
+    (["--frames", "1", "--size", "32"],
+     "error: --frames 1: this AutoencoderKLWan decodes 1 frame in one decoder step: no distance to measure, nothing "
+     "to fit; give 5 frames or more"),
+    (["--model", "tiny-hunyuanvideo", "--frames", "9", "--size", "16"],
+     "error: --frames 9: this AutoencoderKLHunyuanVideo decodes 9 frames in one decoder step: no distance to "
+     "measure, nothing to fit; give 21 frames or more"),
+])
+def test_probe_with_no_distance_to_measure_is_refused_before_any_work(argv, message, tmp_path, capsys, no_work):
+    line, _ = expect_usage_error(capsys, ["probe", *argv, "--out", str(tmp_path / "out")])
+    assert line.startswith(message), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_json_is_standard_json(tmp_path, capsys, monkeypatch):
+    """A result with no fit (NaN) or no decay beyond distance 0 (alpha = inf) is written as null, never as
+    NaN / Infinity (which json.loads accepts but JSON does not)."""
+    import chopgrad.tools.probe
+    from chopgrad.tools.probe import ProbeResult
+
+    nothing_fitted = ProbeResult(distances=[0, 1], influence=[1.0, float("nan")], C=float("nan"),
+                                 alpha=float("nan"), eps=1e-3, recommended_d_trunc=None, num_steps=2)
+    monkeypatch.setattr(chopgrad.tools.probe, "probe_locality", lambda *a, **k: nothing_fitted)
+    code, out = run_cli(capsys, "probe", "--model", "tiny-wan21", "--frames", "5", "--size", "16",
+                        "--out", str(tmp_path))
+    assert code == 0 and "recommended d_trunc for eps = 0.001: n/a" in out
+    text = (tmp_path / "probe.json").read_text()
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in probe.json"))
+    assert data["alpha"] is None and data["C"] is None and data["influence"] == [1.0, None]
+
+
+def test_probe_bf16_casts_without_diffusers_empty_float32_warning(tmp_path, capfd):
+    code = main(["probe", "--model", "tiny-wan21", "--frames", "5", "--size", "16", "--dtype", "bf16",
+                 "--max-d-trunc", "0", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert "should be kept in float32" not in capfd.readouterr().err
+
+
+def test_cast_model_keeps_diffusers_float32_warning_that_names_modules(capfd):
+    """Only the warning with an empty module list is noise; one that names modules still shows."""
+    from chopgrad.tools.bench.workloads import cast_model, load_model
+
+    vae = load_model("tiny-wan21")
+    vae._keep_in_fp32_modules = ["post_quant_conv"]
+    assert next(cast_model(vae, torch.bfloat16).parameters()).dtype == torch.bfloat16
+    assert "should be kept in float32: ['post_quant_conv']" in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bench: stops, --out, fidelity
+#
+# fake_workers replaces the worker subprocesses with instant results, so these run the real bench loop and
+# CLI without measuring anything.
+
+
+def fake_workers(monkeypatch, stop_at=None):
+    """Every configuration "runs" at once with a random gradient and the same loss; the `stop_at`-th run (1-based)
+    is interrupted as Ctrl-C would. Returns the configs run, in order."""
+    import chopgrad.tools.bench.bench
+    from chopgrad.tools.bench.runner import Measurement
+
+    calls = []
+
+    def run_isolated(config, **kwargs):
+        calls.append(config)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        if "methods" in config:  # the side-by-side timing run of a clip and size
+            return Measurement(config, "ok", result={"results": [{"time_s": 0.5, "frames_per_s": 10.0}
+                                                                 for _ in config["methods"]]})
+        torch.save(torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(len(calls))),
+                   config["save_grad"])
+        return Measurement(config, "ok", result={"peak_bytes": len(calls) * 2**20, "loss": 0.5})
+
+    monkeypatch.setattr(chopgrad.tools.bench.bench, "run_isolated", run_isolated)
+    return calls
+
+
+FAKE_BENCH = ["bench", "--model", "tiny-wan21", "--frames", "5", "--sizes", "16", "--schedules", "sliding",
+              "--d-trunc", "0", "--threads", "1", "--no-progress"]
+
+
+def test_bench_records_and_prints_each_configuration_as_it_finishes(tmp_path, capsys, monkeypatch):
+    """A stop inside a clip and size keeps the configurations that finished in it, and says they have no times."""
+    out = tmp_path / "out"
+    fake_workers(monkeypatch, stop_at=3)  # full, checkpoint, then the stop during chopgrad's configuration
+    assert main([*FAKE_BENCH, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["label"], r["status"], r["time_s"]) for r in rows] == [
+        ("full backprop", "ok", None), ("checkpointed (per step)", "ok", None)]
+    assert "16x16    5f full backprop: ok, 1.0 MiB, cosine 1.00000" in err.splitlines()
+    assert "16x16    5f checkpointed (per step): ok, 2.0 MiB, cosine " in err
+    assert (f"interrupted after 2 configurations; their results are in {out / 'results.json'} and "
+            f"{out / 'results.md'} (no plots); 2 of them without times") in err
+    assert "| 16x16 | 5 | checkpointed (per step) |" in (out / "results.md").read_text()
+
+
+def test_bench_prints_the_times_of_a_clip_once_timed(tmp_path, capsys, monkeypatch):
+    fake_workers(monkeypatch)
+    assert main([*FAKE_BENCH, "--frames", "5", "9", "--no-plots", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:4] == [
+        "16x16    5f full backprop: ok, 1.0 MiB, cosine 1.00000",
+        lines[1], lines[2],
+        "16x16    5f time per step, side by side: full backprop 0.500 s, checkpointed (per step) 0.500 s, "
+        "chopgrad sliding d=0 0.500 s"]
+    assert lines[4].startswith("16x16    9f full backprop: ok,")
+    assert all(r["time_s"] == 0.5 for r in json.loads((tmp_path / "results.json").read_text())["rows"])
+
+
+def test_bench_replaces_only_its_own_earlier_outputs_in_out(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"results.json": "{}", "results.md": "old", "memory_vs_size.png": "old", "time_vs_frames.png": "old",
+               "notes.txt": "the user's"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    # stopped before any configuration finished: nothing written, the earlier outputs stay as they were
+    fake_workers(monkeypatch, stop_at=1)
+    assert main([*FAKE_BENCH, "--out", str(out)]) == 130
+    assert "interrupted before any configuration finished; nothing was written" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+    # a run: no plot of the earlier run is left beside the new results (here none are drawn), other files are
+    fake_workers(monkeypatch)
+    assert main([*FAKE_BENCH, "--no-plots", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json", "results.md"]
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
+def test_bench_interrupted_before_any_configuration_writes_nothing(tmp_path, capsys, monkeypatch):
+    fake_workers(monkeypatch, stop_at=1)
+    assert main([*FAKE_BENCH, "--out", str(tmp_path / "new")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted before any configuration finished; nothing was written"
+    assert not (tmp_path / "new").exists()
+
+
+def test_bench_fidelity_does_not_depend_on_the_order_of_the_baselines(tmp_path, capsys, monkeypatch):
+    from chopgrad.tools.bench.bench import BenchSettings
+
+    assert [m[0] for m in BenchSettings(baselines=("checkpoint", "full"), d_truncs=[0], schedules=("sliding",),
+                                        threads=1).methods()] == ["full", "checkpoint", "pixel_loss"]
+    calls = fake_workers(monkeypatch)
+    assert main([*FAKE_BENCH, "--baselines", "checkpoint", "full", "--no-plots", "--out", str(tmp_path)]) == 0
+    assert calls[0]["method"] == "full"  # the reference runs first
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["full backprop", "checkpointed (per step)", "chopgrad sliding d=0"]
+    assert all(r["cosine"] is not None and r["rel_error"] is not None for r in rows), rows
+
+
+def _bench_workers(parent: int) -> list[int]:
+    """The bench worker subprocesses whose parent is `parent` (from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"chopgrad.tools.bench.worker" in command:
+            found.append(int(entry))
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie has finished)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker subprocess in /proc")
+def test_bench_stopped_by_sigterm_stops_its_running_worker(tmp_path):
+    # --warmup 100000: the worker would run for an hour on its own
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chopgrad", "bench", "--model", "tiny-wan21", "--frames", "5", "--sizes", "16",
+         "--baselines", "full", "--schedules", "sliding", "--d-trunc", "0", "--warmup", "100000", "--threads", "1",
+         "--no-progress", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not workers:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no worker started in 120 s"
+            time.sleep(0.1)
+            workers = _bench_workers(proc.pid)
+        # Past its imports (about 5 CPU seconds) and into its steps: stopped before it has loaded its inputs, which
+        # the bench removes as it exits, a worker would fail on its own and the test would show nothing.
+        while _cpu_seconds(workers[0]) < 8:
+            assert proc.poll() is None and _running(workers[0]), proc.communicate()
+            assert time.monotonic() < deadline, "the worker did not get to its steps in 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        deadline = time.monotonic() + 10
+        while _running(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(workers[0]), "the worker outlived the bench it belongs to"
+        assert err.strip().splitlines()[-1] == "interrupted before any configuration finished; nothing was written"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -82,3 +82,31 @@ def test_probe_plot_and_parameters_restored(tmp_path):
     assert result.alpha == pytest.approx(math.log(2), rel=0.02)
     path = plot_probe(result, str(tmp_path / "probe.png"))
     assert (tmp_path / "probe.png").stat().st_size > 1000 and path.endswith("probe.png")
+
+
+@pytest.mark.parametrize("steps, max_distance", [(4, 0), (1, None)])
+def test_nothing_measured_beyond_distance_zero_is_no_fit(steps, max_distance):
+    """max_distance 0 or one decoder step: no recommendation (not d_trunc 0), and the JSON form is valid JSON."""
+    import json
+
+    result = probe_locality(linear_recurrence(0.5), *inputs(steps=steps), max_distance=max_distance, fidelity=False)
+    assert result.distances == [0] and not result.measured
+    assert result.recommended_d_trunc is None and math.isnan(result.alpha) and math.isnan(result.C)
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["alpha"] is None and data["C"] is None and data["recommended_d_trunc"] is None
+    table = result.table()
+    assert "nothing measured beyond distance 0" in table and "recommended d_trunc for eps = 0.001: n/a" in table
+    assert "nan" not in table and "= inf" not in table
+
+
+def test_no_influence_beyond_distance_zero_recommends_zero():
+    """A decoder whose steps do not reach back (influence 0 at d >= 1): d_trunc 0 is right, alpha is inf in the
+    text and null in JSON."""
+    import json
+
+    result = probe_locality(linear_recurrence(0.0), *inputs(steps=4), fidelity=False)
+    assert result.influence == [1.0, 0.0, 0.0, 0.0] and result.measured
+    assert result.alpha == math.inf and result.recommended_d_trunc == 0
+    assert json.loads(json.dumps(result.to_dict(), allow_nan=False))["alpha"] is None
+    table = result.table()
+    assert "alpha = inf" in table and "| 1 | 0.000e+00 | 0.000e+00 |" in table and "nan" not in table

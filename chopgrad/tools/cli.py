@@ -134,7 +134,8 @@ def build_parser() -> _Parser:
                    default=["sliding", "chunked"],
                    help="chopgrad schedules to measure")
     b.add_argument("--baselines", nargs="*", choices=("full", "checkpoint"), default=["full", "checkpoint"],
-                   help="baseline methods; full backprop is the fidelity reference (give none to skip them)")
+                   help="baseline methods; full backprop is the fidelity reference of every method, so it runs "
+                        "first whatever the order given (give none to skip them)")
     b.add_argument("--unfused", action="store_true",
                    help="also measure every chopgrad method with lean=False (the model's own modules instead of "
                         "the fused decoder ops that pixel_loss uses by default)")
@@ -161,10 +162,15 @@ def build_parser() -> _Parser:
     b.add_argument("--threads", type=positive_int, help="CPU threads per worker (default: the cores not busy "
                                                          "with other processes, from the load average)")
     b.add_argument("--out", default="bench_out", metavar="DIR",
-                   help="output folder for results.json, results.md and the plots (created if missing)")
+                   help="output folder for results.json, results.md and the plots (created if missing); "
+                        "results.json and results.md are rewritten as each configuration finishes, the plots drawn "
+                        "at the end. The results and plots of an earlier bench in it are removed when the first "
+                        "configuration finishes (other files are left alone)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--no-progress", action="store_true",
-                   help="no progress bar; one line per configuration on stderr instead")
+                   help="no progress bar; on stderr instead, one line per configuration as it finishes (status, "
+                        "peak memory, gradient cosine) and one per clip and size with the times per step, measured "
+                        "side by side once all its configurations have run")
     b.set_defaults(func=cmd_bench)
 
     probe_help = ("temporal locality of the decoder: influence vs distance, exp fit, recommended d_trunc, "
@@ -177,7 +183,8 @@ def build_parser() -> _Parser:
     p.add_argument("--eps", type=positive_float, default=1e-3,
                    help="tolerance for the recommended d_trunc: the distance whose fitted influence is below it")
     p.add_argument("--max-distance", type=nonneg_int,
-                   help="largest distance measured (default: all, up to the number of decoder steps - 1)")
+                   help="largest distance measured, 1 or more (default: all, up to the number of decoder steps - "
+                        "1; the probe needs two decoder steps or more)")
     p.add_argument("--max-d-trunc", type=nonneg_int, default=4, metavar="N",
                    help="measure the truncated-gradient fidelity for d_trunc 0..N")
     p.add_argument("--seed", type=int, default=0,
@@ -354,16 +361,16 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-BENCH_FILES = ("results.json", "results.md", "memory_vs_frames.png", "time_vs_frames.png", "fidelity_vs_dtrunc.png")
 PROBE_FILES = ("probe.json", "probe.md", "probe.png")
 
 
 def cmd_bench(args) -> int:
-    from chopgrad.tools.bench.bench import BenchSettings, format_summary, format_table, run_bench, write_outputs
+    from chopgrad.tools.bench.bench import (OUTPUT_FILES, BenchSettings, format_summary, format_table, remove_outputs,
+                                            run_bench, write_outputs)
 
     _check_device(args)
     _check_model(args)
-    _check_out(args.out, BENCH_FILES)
+    _check_out(args.out, OUTPUT_FILES)
     settings = BenchSettings(
         model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, frames=args.frames,
         sizes=args.sizes, d_truncs=args.d_truncs, schedules=tuple(args.schedules),
@@ -375,28 +382,36 @@ def cmd_bench(args) -> int:
     _check_shapes(vae, settings.frames, settings.sizes, size_option="--sizes")
     _check_tiling(vae, args)
     measured: list[dict] = []
+    timed: set[int] = set()  # ids of the rows whose clip and size has been timed
 
     def record(row: dict) -> None:
-        # Rewrite results.json / results.md after every configuration, so a run
+        # Rewrite results.json / results.md as each configuration finishes, so a run
         # that is stopped (Ctrl-C, SIGTERM from a job limit) keeps what it measured.
+        # The first one replaces an earlier bench's outputs in --out (so no stale plot
+        # stays beside the new results), and a run stopped before it leaves them alone.
         # A stop waits until the row is recorded, so the printed lines, the file
         # and the count in the stop message agree.
         with _stop_signals_deferred():
+            if not measured:
+                remove_outputs(args.out)
             measured.append(row)
             if args.no_progress:
-                peak = f"{row['peak_bytes'] / 2**20:.1f} MiB" if row.get("peak_bytes") else "-"
-                step = f"{row['time_s']:.3f} s/step" if row.get("time_s") else "-"
-                print(f"{row['size']}x{row['size']} {row['frames']:>4d}f {row['label']}: {row['status']}, {peak}, "
-                      f"{step}", file=sys.stderr, flush=True)
+                print(_bench_row_line(row), file=sys.stderr, flush=True)
+            write_outputs(measured, settings, args.out, plots=False)
+
+    def record_times(rows: list[dict]) -> None:
+        with _stop_signals_deferred():
+            timed.update(map(id, rows))
+            if args.no_progress:
+                print(_bench_times_line(rows), file=sys.stderr, flush=True)
             write_outputs(measured, settings, args.out, plots=False)
 
     t0 = time.monotonic()
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        rows = run_bench(settings, progress=not args.no_progress, log=record)
+        rows = run_bench(settings, progress=not args.no_progress, log=record, timed=record_times)
     except KeyboardInterrupt:
-        print(f"\ninterrupted after {len(measured)} configurations; their results are in "
-              f"{os.path.join(args.out, 'results.json')}", file=sys.stderr)
+        print(f"\n{_bench_interrupted(measured, timed, args.out)}", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
@@ -410,18 +425,70 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _check_probe_steps(vae, frames: int) -> None:
+    """The probe measures how far back the loss of a decoder step reaches: it needs two steps or more."""
+    from chopgrad.tools.bench.workloads import decoded_frames, decoder_steps, is_decodable
+
+    if decoder_steps(vae, frames) >= 2:
+        return
+    enough = next((f for f in map(lambda n: decoded_frames(vae, n), range(1, 257))
+                   if is_decodable(vae, f) and decoder_steps(vae, f) >= 2), None)
+    fail(f"--frames {frames}: this {type(vae).__name__} decodes {frames} frame{'s' if frames != 1 else ''} in one "
+         f"decoder step: no distance to measure, nothing to fit"
+         + (f"; give {enough} frames or more" if enough else ""))
+
+
+def _bench_where(row: dict) -> str:
+    return f"{row['size']}x{row['size']} {row['frames']:>4d}f"
+
+
+def _bench_row_line(row: dict) -> str:
+    """--no-progress: a configuration as it finishes (its time comes with its clip and size's timing line)."""
+    peak = f"{row['peak_bytes'] / 2**20:.1f} MiB" if row.get("peak_bytes") else "-"
+    cosine = f", cosine {row['cosine']:.5f}" if row.get("cosine") is not None else ""
+    return f"{_bench_where(row)} {row['label']}: {row['status']}, {peak}{cosine}"
+
+
+def _bench_times_line(rows: list[dict]) -> str:
+    """--no-progress: the times of one clip and size, measured side by side for its configurations that ran."""
+    ran = [r for r in rows if r["status"] == "ok"]
+    if not ran:
+        return f"{_bench_where(rows[0])} not timed: no configuration ran"
+    if all(r.get("time_s") is None for r in ran):  # time_side_by_side said why at the end of each row's detail
+        detail = ran[0]["detail"]
+        why = detail[detail.find("timing run "):] if "timing run " in detail else "not timed"
+        return f"{_bench_where(rows[0])} {why}"
+    return f"{_bench_where(rows[0])} time per step, side by side: " + ", ".join(
+        f"{r['label']} {r['time_s']:.3f} s" if r.get("time_s") is not None else f"{r['label']} -" for r in ran)
+
+
+def _bench_interrupted(measured: list[dict], timed: set, out: str) -> str:
+    """The stop message: what was recorded and where, or that nothing was."""
+    if not measured:
+        return "interrupted before any configuration finished; nothing was written"
+    untimed = sum(1 for r in measured if r["status"] == "ok" and id(r) not in timed)
+    note = (f"; {untimed} of them without times (a clip and size is timed side by side once all its configurations "
+            f"have run)" if untimed else "")
+    return (f"interrupted after {len(measured)} configurations; their results are in "
+            f"{os.path.join(out, 'results.json')} and {os.path.join(out, 'results.md')} (no plots){note}")
+
+
 def cmd_probe(args) -> int:
     import torch
 
     from chopgrad.tools.bench.bench import default_threads, is_trained
-    from chopgrad.tools.bench.workloads import DTYPES, make_inputs
+    from chopgrad.tools.bench.workloads import DTYPES, cast_model, make_inputs
     from chopgrad.tools.probe import plot_probe, probe_locality
 
     _check_device(args)
     _check_model(args)
     _check_out(args.out, PROBE_FILES)
+    if args.max_distance == 0:
+        fail("--max-distance 0: no distance to measure, nothing to fit (the influence at distance 0 is 1 by "
+             "definition); give 1 or more, or leave it out to measure every distance")
     vae = _load_model(args.model)
     _check_shapes(vae, [args.frames], [args.size], size_option="--size")
+    _check_probe_steps(vae, args.frames)
     torch.set_num_threads(args.threads or default_threads())
     latents, target = make_inputs(vae, args.frames, args.size, args.size, seed=args.seed,
                                   encode=is_trained(args.model))
@@ -429,7 +496,8 @@ def cmd_probe(args) -> int:
     vae = vae.to(device=device)
     if dtype != torch.float32:
         # only cast when asked: diffusers logs a "should be kept in float32" warning on every dtype cast
-        vae = vae.to(dtype=dtype)
+        # (cast_model hides it where it names no module)
+        vae = cast_model(vae, dtype)
     result = probe_locality(vae, latents.to(device, dtype), target.to(device, dtype), max_distance=args.max_distance,
                             eps=args.eps, d_truncs=range(args.max_d_trunc + 1))
     os.makedirs(args.out, exist_ok=True)
@@ -437,7 +505,9 @@ def cmd_probe(args) -> int:
     header = (f"model {args.model}, {args.frames} frames ({result.num_steps} decoder steps), "
               f"{args.size}x{args.size}, {args.dtype}, {args.device}")
     with open(os.path.join(args.out, "probe.json"), "w") as f:
-        json.dump({"model": args.model, "frames": args.frames, "size": args.size, **result.to_dict()}, f, indent=1)
+        # to_dict gives a non-finite number as null; allow_nan=False keeps Infinity / NaN (not JSON) out for good
+        json.dump({"model": args.model, "frames": args.frames, "size": args.size, **result.to_dict()}, f, indent=1,
+                  allow_nan=False)
     with open(os.path.join(args.out, "probe.md"), "w") as f:
         f.write(f"# chopgrad probe\n\n{header}\n\n{table}\n")
     png = plot_probe(result, os.path.join(args.out, "probe.png"))

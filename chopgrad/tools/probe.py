@@ -10,7 +10,9 @@ reaches back to the latent group d steps earlier through the cache, computed
 exactly (one backward pass of each step's loss through the full graph from
 step 0). A fit `influence(d) ~ C * exp(-alpha * d)` (least squares on log
 influence, d >= 1) gives the recommended `d_trunc = ceil(log(C / eps) / alpha)`:
-the smallest distance whose predicted influence is below `eps`. Also reported:
+the smallest distance whose predicted influence is below `eps`. With nothing
+measured beyond d = 0 (one decoder step, or `max_distance=0`) there is nothing
+to fit: C and alpha are NaN and there is no recommendation. Also reported:
 cosine similarity and relative error, against the exact gradient, of the
 truncated latent gradient and of the parameter gradient of a small upstream
 module (a 1x1x1 Conv3d that produces the decoded latents) for each d_trunc.
@@ -33,10 +35,10 @@ from .metrics import gradient_fidelity, squared_errors_per_step
 class ProbeResult:
     distances: list          # d = 0..max_distance
     influence: list          # normalised influence per distance (influence[0] == 1)
-    C: float                 # fit influence(d) ~ C * exp(-alpha * d)
-    alpha: float
+    C: float                 # fit influence(d) ~ C * exp(-alpha * d); NaN when nothing beyond d = 0 was measured
+    alpha: float             # inf when the influence beyond d = 0 is exactly 0
     eps: float
-    recommended_d_trunc: Optional[int]  # None when the influence does not decay (alpha <= 0)
+    recommended_d_trunc: Optional[int]  # None when the influence does not decay (alpha <= 0) or was not measured
     d_truncs: list = field(default_factory=list)
     latent_cosine: list = field(default_factory=list)
     latent_rel_error: list = field(default_factory=list)
@@ -44,16 +46,26 @@ class ProbeResult:
     param_rel_error: list = field(default_factory=list)
     num_steps: int = 0
 
+    @property
+    def measured(self) -> bool:
+        """Whether anything beyond distance 0 was measured, so that the fit means something."""
+        return any(d >= 1 and math.isfinite(v) for d, v in zip(self.distances, self.influence))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, with a non-finite number (alpha = inf, a NaN) as None: JSON has no Infinity or NaN."""
+        return _finite_or_none(asdict(self))
 
     def table(self) -> str:
-        lines = [f"influence(d) ~ C * exp(-alpha * d): C = {self.C:.4g}, alpha = {self.alpha:.4g}; "
-                 f"recommended d_trunc for eps = {self.eps:g}: "
-                 f"{self.recommended_d_trunc if self.recommended_d_trunc is not None else 'n/a (no decay)'}",
-                 "", "| distance d | influence | fit |", "|---:|---:|---:|"]
+        if not self.measured:
+            fit = "n/a (nothing measured beyond distance 0: one decoder step, or max_distance 0)"
+            recommended = "n/a"
+        else:
+            fit = f"C = {_number(self.C, '.4g')}, alpha = {_number(self.alpha, '.4g')}"
+            recommended = self.recommended_d_trunc if self.recommended_d_trunc is not None else "n/a (no decay)"
+        lines = [f"influence(d) ~ C * exp(-alpha * d): {fit}; recommended d_trunc for eps = {self.eps:g}: "
+                 f"{recommended}", "", "| distance d | influence | fit |", "|---:|---:|---:|"]
         for d, v in zip(self.distances, self.influence):
-            lines.append(f"| {d} | {v:.3e} | {self.C * math.exp(-self.alpha * d):.3e} |")
+            lines.append(f"| {d} | {_number(v, '.3e')} | {_number(self.fit(d), '.3e')} |")
         if self.d_truncs:
             lines += ["", "| d_trunc | latent grad cosine | latent grad rel. error | upstream param grad cosine | "
                       "upstream param grad rel. error |", "|---:|---:|---:|---:|---:|"]
@@ -62,9 +74,35 @@ class ProbeResult:
                 lines.append("| {} | {:.6f} | {:.3e} | {:.6f} | {:.3e} |".format(*row))
         return "\n".join(lines)
 
+    def fit(self, d: int) -> float:
+        """The fitted influence at distance d (NaN where there is no fit; 0 beyond d = 0 for alpha = inf)."""
+        if math.isinf(self.alpha) and self.alpha > 0:
+            return self.C if d == 0 else 0.0
+        return self.C * math.exp(-self.alpha * d)
+
+
+def _number(value: float, spec: str) -> str:
+    return format(value, spec) if math.isfinite(value) else ("inf" if value == math.inf else "n/a")
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
 
 def fit_exponential(distances: Sequence[int], influence: Sequence[float], *, min_distance: int = 1):
-    """Least-squares fit of log(influence) = log C - alpha * d over d >= min_distance; returns (C, alpha)."""
+    """Least-squares fit of log(influence) = log C - alpha * d over d >= min_distance; returns (C, alpha).
+
+    (1, inf) when every influence measured at d >= min_distance is 0 (nothing reaches back); (NaN, NaN) when
+    none was measured there (one decoder step, or max_distance 0): no fit, rather than a made-up decay.
+    """
+    if not any(d >= min_distance and math.isfinite(v) for d, v in zip(distances, influence)):
+        return float("nan"), float("nan")
     pts = [(d, math.log(v)) for d, v in zip(distances, influence) if d >= min_distance and v > 0 and math.isfinite(v)]
     if len(pts) < 2:  # too few points: fall back to every positive one
         pts = [(d, math.log(v)) for d, v in zip(distances, influence) if v > 0 and math.isfinite(v)]
@@ -79,7 +117,7 @@ def fit_exponential(distances: Sequence[int], influence: Sequence[float], *, min
 
 
 def recommended_d_trunc(C: float, alpha: float, eps: float) -> Optional[int]:
-    """ceil(log(C / eps) / alpha), at least 0; None when alpha <= 0 (no decay)."""
+    """ceil(log(C / eps) / alpha), at least 0; None when alpha <= 0 (no decay) or NaN (no fit)."""
     if not alpha > 0:
         return None
     if math.isinf(alpha):
@@ -194,7 +232,7 @@ def plot_probe(result: ProbeResult, path: str) -> str:
     ax = axes[0][0]
     ds = result.distances
     ax.semilogy(ds, [max(v, 1e-30) for v in result.influence], "o", label="measured")
-    if math.isfinite(result.alpha):
+    if math.isfinite(result.alpha) and math.isfinite(result.C):
         ax.semilogy(ds, [result.C * math.exp(-result.alpha * d) for d in ds], "-",
                     label=f"fit C={result.C:.3g}, alpha={result.alpha:.3g}")
     ax.axhline(result.eps, color="gray", ls="--", lw=0.8, label=f"eps={result.eps:g}")

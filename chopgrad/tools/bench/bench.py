@@ -80,8 +80,12 @@ class BenchSettings:
 
     def methods(self):
         """(method, d_trunc, schedule, lean, tile, tile_grad, tile_halo) tuples, baselines first; chopgrad's run
-        lean (its default), untiled and then tiled when `tile` is set."""
-        out = [(b, None, "sliding", False, None, "exact", None) for b in self.baselines]
+        lean (its default), untiled and then tiled when `tile` is set.
+
+        Full backprop comes first whatever the order of `baselines`: it is the fidelity reference of the others.
+        """
+        baselines = sorted(self.baselines, key=lambda b: b != "full")
+        out = [(b, None, "sliding", False, None, "exact", None) for b in baselines]
         for schedule in self.schedules:
             for d in self.d_truncs:
                 if d == 0 and schedule != "sliding" and "sliding" in self.schedules:
@@ -167,8 +171,13 @@ def _check_same_loss(row: dict, ref_loss: float, rtol: float = 1e-3) -> None:
     print(f"warning: {row['label']} at {row['frames']} frames: {row['detail']}", file=sys.stderr)
 
 
-def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> list[dict]:
-    """Runs every (size, frames, method) configuration; returns one row dict per configuration."""
+def run_bench(settings: BenchSettings, *, progress: bool = True, log=None, timed=None) -> list[dict]:
+    """Runs every (size, frames, method) configuration; returns one row dict per configuration.
+
+    `log(row)` is called as each configuration finishes, with its row (memory and fidelity; no times yet).
+    The times of a clip and size are measured side by side once all its configurations have run; they are
+    filled into those rows (the same dicts), then `timed(rows)` is called with them.
+    """
     from tqdm import tqdm
 
     vae = load_model(settings.model, device="cpu")
@@ -217,13 +226,14 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, log=None) -> li
                                     row["cosine"], row["rel_error"] = gradient_fidelity(grad, ref_grad)
                                     _check_same_loss(row, ref_loss)
                         workload.append(row)
+                        rows.append(row)
                         bar.update(1)
+                        if log is not None:
+                            log(row)
                     bar.set_description(f"{size}x{size} {frames:>3d}f timing side by side")
                     time_side_by_side(workload, settings, inputs)
-                    rows.extend(workload)
-                    if log is not None:
-                        for row in workload:
-                            log(row)
+                    if timed is not None:
+                        timed(workload)
     finally:
         bar.close()
     return rows
@@ -345,6 +355,23 @@ def _write_atomically(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+#: every file `write_outputs` may write (memory_vs_size.png: with more than one size)
+OUTPUT_FILES = ("results.json", "results.md", "memory_vs_frames.png", "time_vs_frames.png", "fidelity_vs_dtrunc.png",
+                "memory_vs_size.png")
+
+
+def remove_outputs(out_dir: str) -> list[str]:
+    """Removes the files an earlier bench wrote into `out_dir` (OUTPUT_FILES, nothing else), so that none of
+    them is left beside new results (a plot of sizes no longer measured); returns the names removed."""
+    removed = []
+    for name in OUTPUT_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path) or os.path.islink(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
 
 
 def write_outputs(rows: list[dict], settings: BenchSettings, out_dir: str, *, wall_s: Optional[float] = None,

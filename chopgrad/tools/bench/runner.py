@@ -41,6 +41,29 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
+#: seconds a child has to exit after SIGTERM before it is killed
+STOP_GRACE_S = 3.0
+
+
+def stop_child(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """Terminates `proc` (SIGTERM, then SIGKILL after `grace_s`) and reaps it.
+
+    SIGINT and SIGTERM to this process wait until it is done, so a second Ctrl-C cannot leave the child behind.
+    """
+    stops = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_isolated(config: dict, *, memory_budget_bytes: Optional[int] = None, timeout_s: float = 1800,
                  module: str = "chopgrad.tools.bench.worker", rss_follows_live_memory: bool = True) -> Measurement:
     """Runs `config` in a fresh interpreter; returns its JSON result or the failure mode.
@@ -57,16 +80,22 @@ def run_isolated(config: dict, *, memory_budget_bytes: Optional[int] = None, tim
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(config)], stdout=out, stderr=err, env=env)
         start, killed_for = time.monotonic(), None
-        while proc.poll() is None:
-            if memory_budget_bytes is not None and _rss_bytes(proc.pid) > memory_budget_bytes:
-                killed_for = "oom"
-            elif time.monotonic() - start > timeout_s:
-                killed_for = "timeout"
-            if killed_for:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                break
-            time.sleep(0.02)
+        try:
+            while proc.poll() is None:
+                if memory_budget_bytes is not None and _rss_bytes(proc.pid) > memory_budget_bytes:
+                    killed_for = "oom"
+                elif time.monotonic() - start > timeout_s:
+                    killed_for = "timeout"
+                if killed_for:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    break
+                time.sleep(0.02)
+        except BaseException:
+            # This process is being stopped (Ctrl-C, or SIGTERM, which the CLI turns into KeyboardInterrupt): the
+            # child would otherwise run on alone until its configuration ends, minutes of CPU or GPU for nobody.
+            stop_child(proc)
+            raise
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()

@@ -4,6 +4,7 @@ local diffusers VAE folder (`--model PATH`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -100,8 +101,31 @@ def load_model(name: str, device="cpu", dtype=torch.float32):
         vae.enable_slicing()
     vae = vae.to(device=device)
     if dtype != next(vae.parameters()).dtype:
-        vae = vae.to(dtype=dtype)
+        vae = cast_model(vae, dtype)
     return vae.eval()
+
+
+class _EmptyFloat32Warning(logging.Filter):
+    """Drops diffusers' "There are modules in X that should be kept in float32: []": ModelMixin.to logs it on
+    every dtype cast, even when the list is empty, i.e. when no module of the model needs float32. A list that
+    names modules is a real warning and still shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("should be kept in float32: []" in message and message.startswith("There are modules in "))
+
+
+def cast_model(vae, dtype):
+    """`vae.to(dtype=dtype)` without diffusers' empty "should be kept in float32" warning."""
+    # the logger of the module that defines ModelMixin.to (its __module__ is torch's: it is functools.wraps'ed)
+    defined_in = getattr(type(vae).to, "__globals__", {}).get("__name__", "diffusers.models.modeling_utils")
+    logger = logging.getLogger(defined_in)
+    quiet = _EmptyFloat32Warning()
+    logger.addFilter(quiet)
+    try:
+        return vae.to(dtype=dtype)
+    finally:
+        logger.removeFilter(quiet)
 
 
 def check_model_source(name: str) -> None:
@@ -229,6 +253,11 @@ def _latent_frames(vae, frames: int) -> int:
 def decoded_frames(vae, latent_frames: int) -> int:
     """Pixel frames the model's own decode yields for `latent_frames` latent frames."""
     return _decode_plan(vae, latent_frames).num_frames
+
+
+def decoder_steps(vae, frames: int) -> int:
+    """Steps of chopgrad's decode (the groups whose cache carries over) for a clip of `frames` pixel frames."""
+    return _decode_plan(vae, _latent_frames(vae, frames)).num_steps
 
 
 def is_decodable(vae, frames: int) -> bool:
