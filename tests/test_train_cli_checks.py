@@ -194,3 +194,21 @@ def test_a_loss_that_is_not_finite_from_the_start_is_not_blamed_on_the_learning_
     assert "the training loss is nan at step 1 (not finite: video)" in err
     assert "not from the learning rate" in err and "--dtype fp32" not in err
     assert "UserWarning" not in err
+
+
+def test_data_warnings_are_one_warning_line_without_chopgrads_source(tmp_path):
+    """A skipped file is reported as `warning: ...`, not with the chopgrad source line that noticed it."""
+    import subprocess
+
+    from video_files import write_header_first_mp4
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    for i in range(2):
+        write_header_first_mp4(data / f"clip{i}.mp4", 12, 16, 16)
+    (data / "empty.mp4").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-m", "chopgrad", "train", "--task", "vsr", *TINY, *FINISHED, "--data",
+                           str(data), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "warning: VideoFolder skipped 1 of 3 video files" in done.stderr
+    assert "UserWarning" not in done.stderr and "VideoFolder(" not in done.stderr

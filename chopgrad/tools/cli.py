@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from typing import NoReturn
 
 DTYPE_CHOICES = ("fp32", "bf16")
@@ -592,11 +593,27 @@ def main(argv=None) -> int:
     sub = parser.commands[args.command]
     if unknown:
         sub.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestion(sub, unknown)}")
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """chopgrad's own warnings (skipped data files, a single held-out file) as `warning: ...` lines for a command
+    line user; they are about the user's input, not the line of chopgrad that noticed it. Others as Python shows
+    them."""
+    if category is UserWarning and os.sep + "chopgrad" + os.sep in filename:
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
 
 
 def _suggestion(parser: _Parser, unknown) -> str:
