@@ -308,3 +308,16 @@ def test_the_restorer_gradient_equals_the_rule_written_out(base, tmp_path):
     assert all(float(g.abs().max()) > 0 for g in want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_lora_targets_are_checked_before_the_transformer_loads(base, tmp_path, capsys, monkeypatch):
+    from diffusers import WanTransformer3DModel
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the transformer was loaded")
+
+    monkeypatch.setattr(WanTransformer3DModel, "from_pretrained", no_load)
+    _fails(tmp_path, capsys, ["--task", "vsr", "--transformer", base, "--lora-targets", "to_qq"],
+           "--lora-targets: no module of the transformer is named 'to_qq'")
+    _fails(tmp_path, capsys, ["--task", "vsr", "--transformer", base, "--lora-targets", "attn1"],
+           "'attn1' (WanAttention) is not one")

@@ -359,7 +359,7 @@ def _check_transformer(config: TrainConfig, fail) -> None:
     from .transformer import check_transformer_inputs
 
     try:
-        check_transformer_inputs(config.transformer, config.prompt_embeds)
+        check_transformer_inputs(config.transformer, config.prompt_embeds, config.lora_targets)
     except ValueError as exc:
         fail(str(exc))
 

@@ -114,12 +114,20 @@ def load_prompt_embeds(path: Optional[str], text_dim: int) -> torch.Tensor:
     return embeds.float()
 
 
-def check_transformer_inputs(path: str, prompt_embeds: Optional[str]) -> dict:
+def check_transformer_inputs(path: str, prompt_embeds: Optional[str],
+                             lora_targets: Optional[Sequence[str]] = None) -> dict:
     """Everything --transformer needs that can be checked before any model loads: the folder's config (returned),
-    peft, and the --prompt-embeds file against the transformer's text_dim. ValueError naming the option."""
+    peft, the --prompt-embeds file against the transformer's text_dim and, given, the --lora-targets against the
+    modules the config builds (on the meta device: no weights). ValueError naming the option."""
     config = read_transformer_config(path)
     import_peft()
     load_prompt_embeds(prompt_embeds, config.get("text_dim", 4096))
+    if lora_targets is not None:
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("meta"):
+            skeleton = WanTransformer3DModel.from_config(config)
+        check_lora_targets(dict(skeleton.named_modules()), lora_targets)
     return config
 
 
@@ -209,7 +217,15 @@ def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: Sequen
     import_peft()
     from peft import LoraConfig
 
-    modules = dict(transformer.named_modules())
+    check_lora_targets(dict(transformer.named_modules()), targets)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                       init_lora_weights=True))
+
+
+def check_lora_targets(modules: dict, targets: Sequence[str]) -> None:
+    """ValueError naming --lora-targets when a target matches no module of `modules` ({name: module}), or a module
+    that LoRA cannot adapt."""
     matched = {t: [m for n, m in modules.items() if n == t or n.endswith("." + t)] for t in targets}
     missing = [t for t, found in matched.items() if not found]
     if missing:
@@ -222,9 +238,6 @@ def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: Sequen
         raise ValueError(f"--lora-targets: LoRA adapts Linear, Conv and Embedding layers, and "
                          f"{', '.join(not_layers)} is not one; name the layers inside it (e.g. to_q to_k to_v "
                          f"to_out.0 of an attention block)")
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                       init_lora_weights=True))
 
 
 def load_restorer(path: str, *, latent_channels: int, extra_channels: int, timestep: int,
