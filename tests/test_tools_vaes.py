@@ -81,7 +81,7 @@ def _usage_error(capsys, argv) -> str:
      "cannot decode 8 frames; nearest valid counts: 5 and 9"),
     (["probe", "--model", "tiny-hunyuanvideo15", "--frames", "9", "--size", "18"],
      "--size: size 18 is not a positive multiple of the model's spatial factor 4; nearest valid: 16 and 20"),
-    (["train", "--task", "vsr", "--model", "tiny-mochi", "--frames", "9", "--size", "8"],
+    (["train", "--task", "vsr", "--model", "tiny-mochi", "--frames", "9", "--size", "16"],
      "cannot decode 9 frames; nearest valid counts: 7 and 13 (valid: 1 + 6k;"),
 ])
 def test_frame_counts_and_sizes_follow_the_model(argv, message, tmp_path, capsys, no_work):
